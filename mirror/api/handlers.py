@@ -1,0 +1,163 @@
+"""Thin handlers for the read API: parse, call the proxy, set registry headers.
+
+Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pull
+"""
+
+from __future__ import annotations
+
+import os
+
+from aiohttp import web
+
+from mirror import errors
+from mirror.api.ranges import parse_range
+from mirror.api.responses import SendfileResponse, stream_fetch
+from mirror.node import Node
+from mirror.proxy.blobs import BlobSource
+from mirror.proxy.tags import paginate
+from mirror.registry.digest import Digest
+from mirror.registry.mediatypes import parse_accept
+from mirror.registry.reference import RepositoryName, Tag, parse_reference
+
+NODE: web.AppKey[Node] = web.AppKey("node", Node)
+MAX_PAGE = 10_000
+BLOB_CACHE_CONTROL = "max-age=31536000"
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[NODE]
+
+
+def _authorization(request: web.Request) -> str | None:
+    """A client token to pass upstream; set by the auth layer when it applies."""
+    value = request.get("upstream_authorization")
+    return value if isinstance(value, str) else None
+
+
+async def base(request: web.Request) -> web.Response:
+    """`GET /v2/`: the API version check."""
+    return web.json_response({})
+
+
+async def catalog(request: web.Request, _params: dict[str, str]) -> web.Response:
+    """`GET /v2/_catalog`: the repositories this node holds."""
+    n, last = page_params(request)
+    repositories, more = paginate(await _node(request).metadata.repositories(), n, last)
+    response = web.json_response({"repositories": repositories})
+    if more:
+        response.headers["Link"] = f'</v2/_catalog?last={repositories[-1]}&n={n}>; rel="next"'
+    return response
+
+
+async def tags_list(request: web.Request, params: dict[str, str]) -> web.Response:
+    """`GET /v2/<name>/tags/list` with `n`/`last` pagination."""
+    repo = RepositoryName.parse(params["name"]).value
+    n, last = page_params(request)
+    tags = await _node(request).tags.list(repo, _authorization(request))
+    page, more = paginate(tags, n, last)
+    response = web.json_response({"name": repo, "tags": page})
+    if more:
+        response.headers["Link"] = f'</v2/{repo}/tags/list?last={page[-1]}&n={n}>; rel="next"'
+    return response
+
+
+def page_params(request: web.Request) -> tuple[int | None, str | None]:
+    """Validate `n` (ASCII digits, clamped to MAX_PAGE) and `last`.
+
+    Raises:
+        PaginationNumberInvalid: `n` is negative or not a number.
+    """
+    raw_n = request.query.get("n")
+    n = None
+    if raw_n is not None and raw_n != "":
+        if not (raw_n.isascii() and raw_n.isdigit()) or len(raw_n) > 19:
+            raise errors.PaginationNumberInvalid(detail={"n": raw_n[:40]})
+        n = min(int(raw_n), MAX_PAGE)
+    last = request.query.get("last") or None
+    return n, last
+
+
+async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    """`GET`/`HEAD /v2/<name>/manifests/<reference>`, negotiated on Accept."""
+    repo = RepositoryName.parse(params["name"]).value
+    reference = parse_reference(params["reference"])
+    accepted = parse_accept(request.headers.getall("Accept", []))
+    result = await _node(request).manifests.get(repo, reference, accepted, _authorization(request))
+    request["cache"] = result.cache
+    headers = {
+        "Content-Type": result.media_type,
+        "Docker-Content-Digest": str(result.digest),
+        "ETag": f'"{result.digest}"',
+    }
+    if isinstance(reference, Tag):
+        headers["Vary"] = "Accept"
+    if _etag_matches(request, str(result.digest)):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=result.raw, headers=headers)
+
+
+def _etag_matches(request: web.Request, digest: str) -> bool:
+    header = request.headers.get("If-None-Match")
+    return header is not None and any(t.strip().strip('"') in (digest, "*") for t in header.split(","))
+
+
+async def blob(request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    """`GET`/`HEAD /v2/<name>/blobs/<digest>`, with single byte ranges."""
+    repo = RepositoryName.parse(params["name"]).value
+    digest = Digest.parse(params["digest"])
+    node = _node(request)
+    if request.method == "HEAD":
+        source = await node.blobs.stat(repo, digest, _authorization(request))
+        request["cache"] = source.cache
+        response = web.StreamResponse(headers=_blob_headers(digest))
+        if source.size is not None:
+            response.content_length = source.size
+        return response
+    source = await node.blobs.open(repo, digest, _authorization(request))
+    request["cache"] = source.cache
+    if source.fetch is not None and "Range" in request.headers:
+        source = await _after_commit(node, repo, source)
+    if source.fd is not None:
+        return _send_stored(request, source)
+    assert source.fetch is not None
+    response = web.StreamResponse(headers=_blob_headers(digest))
+    if source.size is not None:
+        response.content_length = source.size
+    return await stream_fetch(request, response, source.fetch, node.store, node.executor,
+                              node.settings.mirror.client_idle_timeout)
+
+
+async def _after_commit(node: Node, repo: str, source: BlobSource) -> BlobSource:
+    """A Range on a blob still in flight waits for the verified object."""
+    assert source.fetch is not None
+    await source.fetch.done.wait()
+    if source.fetch.error is not None:
+        raise source.fetch.error
+    return await node.blobs.open(repo, source.digest)
+
+
+def _send_stored(request: web.Request, source: BlobSource) -> web.StreamResponse:
+    assert source.fd is not None and source.size is not None
+    headers = _blob_headers(source.digest)
+    try:
+        byte_range = parse_range(request.headers.get("Range"), source.size)
+    except errors.RegistryError:
+        os.close(source.fd)
+        raise
+    if byte_range is None:
+        return SendfileResponse(source.fd, 0, source.size, headers=headers)
+    headers["Content-Range"] = byte_range.content_range(source.size)
+    return SendfileResponse(source.fd, byte_range.start, byte_range.length, status=206, headers=headers)
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": BLOB_CACHE_CONTROL,
+    }
+
+
+HANDLERS = {"catalog": catalog, "tags": tags_list, "manifest": manifest, "blob": blob}

@@ -1,0 +1,67 @@
+"""Request dispatch, the one place errors become the spec's JSON envelope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from mirror import errors
+from mirror.api import handlers, routes
+
+log = logging.getLogger(__name__)
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every RegistryError once; anything unexpected is UNKNOWN/500."""
+    try:
+        return await handler(request)
+    except errors.RegistryError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status == 405:
+            return error_response(errors.Unsupported())
+        return error_response(errors.RegistryError(exc.reason, status=exc.status))
+    except Exception:
+        log.exception("unexpected failure serving %s %s", request.method, request.path)
+        return error_response(errors.Unknown())
+
+
+def error_response(error: errors.RegistryError) -> web.Response:
+    """The JSON error envelope with the error's status and headers."""
+    response = web.json_response(error.body(), status=error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: the version header on every response."""
+    response.headers[API_VERSION[0]] = API_VERSION[1]
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Route a `/v2/...` request by parsing the path from the right."""
+    route = routes.match(request.path)
+    if request.method not in routes.READ_METHODS[route.name]:
+        raise errors.Unsupported(headers={"Allow": ", ".join(sorted(routes.READ_METHODS[route.name]))})
+    if route.name == "base":
+        return await handlers.base(request)
+    _check_namespace(request)
+    return await handlers.HANDLERS[route.name](request, route.params)
+
+
+def _check_namespace(request: web.Request) -> None:
+    """containerd's `?ns=`: serve only names of our own upstream.
+
+    Raises:
+        NameUnknown: `ns` names another registry, so containerd moves on to its
+            next host instead of getting another registry's image by name.
+    """
+    ns = request.query.get("ns")
+    if ns is not None and ns.lower() not in request.app[handlers.NODE].namespaces:
+        raise errors.NameUnknown(f"this mirror does not serve registry {ns[:100]!r}")

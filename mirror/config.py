@@ -1,0 +1,1115 @@
+"""Settings read from CNCF distribution's (registry:2) ``config.yml``, plus our ``mirror:`` section.
+
+An operator swaps ``registry serve config.yml`` for ``mirror serve config.yml`` and keeps the file,
+so every key distribution accepts is accepted here, in one of three ways:
+
+* **used**: ``version``, ``log.level`` (or the legacy ``loglevel``), ``log.formatter``,
+  ``storage.filesystem.rootdirectory``, ``http.addr``, ``http.net`` (tcp only), ``http.host``,
+  ``http.debug.addr``, ``http.tls.certificate``/``key``, ``proxy.*``, ``auth.token``,
+  ``auth.htpasswd`` and ``notifications.endpoints``;
+* **accepted but ignored** (``storage.cache``, ``http.secret``, ``log.fields``, ``redis``, other
+  storage drivers...): returned in ``Settings.ignored_keys`` so the caller logs ONE warning;
+* **unknown** to distribution and to us: returned in ``Settings.unknown_keys`` (a warning too).
+
+``proxy.ttl`` is parsed but only documented: content leaves the store by quota (``mirror.cache``),
+not by age, and tag freshness is ``mirror.tag_ttl``. Without a ``proxy:`` section the mirror
+fronts Docker Hub (distribution would instead run as a plain registry).
+
+Our own section; unknown keys in it are errors, since nobody else reads it. Defaults shown::
+
+    mirror:
+      tag_ttl: 60s          # a cached tag -> digest answer is trusted this long
+      tag_max_stale: 168h   # a cached tag may still be served this long while upstream fails
+      negative_ttl: 5s      # upstream 404s are remembered this long
+      metadata_dir: ~       # default <storage root>/metadata. SQLite lives here, so it MUST be
+                            # a local disk: SQLite locking is unsafe on NFS/NAS. Set it when the
+                            # storage root is a shared NAS mount.
+      upstream:
+        connect_timeout: 10s
+        read_timeout: 60s   # idle time allowed between two reads, not a total
+        pool_timeout: 30s   # wait for a free connection from the pool
+        max_connections: 64
+        max_keepalive: 32
+        keepalive_expiry: 60s
+        retries: 3
+        max_concurrency: 0  # concurrent upstream requests; 0 = unlimited
+        max_bandwidth: 0    # bytes per second ("100MB", "100MB/s"); 0 = unlimited
+      cache:
+        max_size: ~         # bytes, "200GiB", or a share of the disk "80%"; unset = unbounded
+        high_watermark: 0.95  # eviction starts above this fraction of max_size...
+        low_watermark: 0.85   # ...and runs until usage is below this one
+      auth: {mode: local, token_proxy: false}   # mode: local | forward
+      admin: {token: ~}
+      passthrough_writes: false
+      trusted_proxies: []   # CIDRs (or single IPs) whose forwarding headers are believed
+      notify: {forward_to: []}                  # http(s) URLs
+      prefetch: {rules: [], keep_fresh: 0, interval: 10m}   # rules are glob strings
+      client_idle_timeout: 60s
+      manifest_max_size: 4MiB
+
+Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
+Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
+
+Environment overrides work as in distribution: ``REGISTRY_`` + the upper-cased key path joined by
+``_`` (``REGISTRY_HTTP_DEBUG_ADDR``, ``REGISTRY_MIRROR_UPSTREAM_READ_TIMEOUT``); our keys contain
+underscores, so names are resolved against the known key tree. A value is taken as text, except
+that ``[...]``/``{...}`` is YAML flow (lists, mappings) and an empty value means "unset". Env wins
+over the file; a variable that names no key lands in ``unknown_keys`` as ``env:REGISTRY_...``.
+
+Scalars from the file are kept as their YAML text (``0123`` stays ``"0123"``, ``0.1`` stays
+``"0.1"``), so passwords and versions survive YAML 1.1's number guessing, as in distribution.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+__all__ = [
+    "AdminSettings",
+    "AuthSettings",
+    "CacheSettings",
+    "ConfigError",
+    "HtpasswdSettings",
+    "HttpSettings",
+    "LogSettings",
+    "MirrorAuthSettings",
+    "MirrorSettings",
+    "NotificationEndpoint",
+    "NotifySettings",
+    "PrefetchSettings",
+    "ProxySettings",
+    "Settings",
+    "StorageSettings",
+    "TLSSettings",
+    "TokenAuthSettings",
+    "UpstreamSettings",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+]
+
+DOCKER_HUB = "https://registry-1.docker.io"
+_T = TypeVar("_T")
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or contradictory; ``str()`` is one line naming the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        # One line, always: the CLI prints it as is and exits 2.
+        self.key = " ".join(str(key).splitlines())
+        self.message = " ".join(message.splitlines())
+        super().__init__(self.key, self.message)
+
+    def __str__(self) -> str:
+        return f"config: {self.key}: {self.message}"
+
+
+# --- scalar parsers: (value, key) -> parsed value, raising ConfigError naming the key ----------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+# "kb" is 1000-based, "kib" and bare "k" are 1024-based (as nginx and docker --memory read "k").
+_SIZE_UNITS = {"": 1, "b": 1} | {
+    f"{prefix}{suffix}": base ** (power + 1)
+    for power, prefix in enumerate("kmgtp")
+    for suffix, base in (("", 1024), ("ib", 1024), ("b", 1000))
+}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
+_TRUE = frozenset({"true", "yes", "on"})
+_FALSE = frozenset({"false", "no", "off"})
+
+
+def _kind(value: Any) -> str:
+    """Names a YAML value's type for error messages."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from a Go duration ("300ms", "1h30m", "7d") or a plain number of seconds.
+
+    Raises:
+        ConfigError: on anything else, on negative or non-finite values.
+    """
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _NUMBER.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION.fullmatch(text):
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(key, f"invalid duration {value!r} (examples: 30s, 5m, 1h)")
+    return seconds
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes from an int or a size string ("500MB" = 500*1000**2, "1.5GiB" = 1.5*1024**3).
+
+    Raises:
+        ConfigError: on unknown units, negative numbers, or fractional bytes without a unit.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    unit = _SIZE_UNITS.get(match[2].lower()) if match else None
+    if match is None or unit is None or (unit == 1 and "." in match[1]):
+        raise ConfigError(key, f"invalid size {value!r} (examples: 4096, 500MB, 1.5GiB)")
+    return int(Fraction(match[1]) * unit)
+
+
+def _positive_duration(value: Any, key: str) -> float:
+    """A duration where zero would mean "wait forever" or "never", which we never want."""
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(key, f"must be greater than zero, got {value!r}")
+    return seconds
+
+
+def _positive_size(value: Any, key: str) -> int:
+    size = parse_size(value, key)
+    if size <= 0:
+        raise ConfigError(key, f"must be greater than zero, got {value!r}")
+    return size
+
+
+def _bandwidth(value: Any, key: str) -> int:
+    """Bytes per second; a "/s" suffix is allowed since people write rates that way."""
+    if isinstance(value, str) and value.strip().lower().endswith("/s"):
+        value = value.strip()[:-2]
+    return parse_size(value, key)
+
+
+def _integer(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        return int(value)
+    raise ConfigError(key, f"expected an integer, got {value!r}")
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    number = _integer(value, key)
+    if number < 0:
+        raise ConfigError(key, f"must not be negative, got {value!r}")
+    return number
+
+
+def _positive_int(value: Any, key: str) -> int:
+    number = _integer(value, key)
+    if number <= 0:
+        raise ConfigError(key, f"must be greater than zero, got {value!r}")
+    return number
+
+
+def _boolean(value: Any, key: str) -> bool:
+    """YAML 1.1 booleans, as distribution's yaml.v2 reads them."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _fraction(value: Any, key: str) -> float:
+    """A number in (0, 1], for watermarks."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= 1:
+        raise ConfigError(key, f"expected a number between 0 and 1, got {value!r}")
+    return number
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _path(value: Any, key: str) -> Path:
+    return Path(_string(value, key))
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    """A list of strings; one comma-separated string is accepted too, which suits env variables."""
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of strings, got {_kind(value)}")
+    items = tuple(_string(item, f"{key}[{i}]").strip() for i, item in enumerate(value))
+    if "" in items:
+        raise ConfigError(f"{key}[{items.index('')}]", "must not be empty")
+    return items
+
+
+def _http_url(value: Any, key: str) -> str:
+    text = _string(value, key).strip()
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(key, f"invalid port in URL {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"expected an http(s) URL with a host, got {text!r}")
+    return text
+
+
+def _http_urls(value: Any, key: str) -> tuple[str, ...]:
+    return tuple(_http_url(url, f"{key}[{i}]") for i, url in enumerate(_strings(value, key)))
+
+
+def _remote_url(value: Any, key: str) -> str:
+    """The upstream base URL, without a trailing slash so paths can be appended."""
+    return _http_url(value, key).rstrip("/")
+
+
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    """CIDRs in canonical form; host bits are dropped ("10.1.2.3/8" -> "10.0.0.0/8")."""
+    networks = []
+    for i, text in enumerate(_strings(value, key)):
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]", f"invalid CIDR {text!r}") from None
+    return tuple(networks)
+
+
+def _host_port(value: Any, key: str) -> tuple[str, int]:
+    """Splits Go's "host:port" / ":port" / "[v6]:port"; host "" means every interface."""
+    text = _string(value, key).strip()
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    valid_host = _is_ipv6(host) if bracketed else ":" not in host
+    if not sep or not valid_host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ConfigError(key, f"expected host:port or :port with a port 0-65535, got {text!r}")
+    return host, int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _address(value: Any, key: str) -> str:
+    _host_port(value, key)
+    return _string(value, key).strip()
+
+
+def _one_of(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable[[Any, str], str]:
+    """A parser accepting the given words case-insensitively, mapping aliases to their meaning."""
+
+    def parse(value: Any, key: str) -> str:
+        text = _string(value, key).strip().lower()
+        if text not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return (aliases or {}).get(text, text)
+
+    return parse
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def _redacting_repr(obj: Any, secrets: frozenset[str]) -> str:
+    """A dataclass repr that shows '***' for secrets, so settings can be logged whole."""
+
+    def show(name: str) -> str:
+        value = getattr(obj, name)
+        return "'***'" if name in secrets and value else repr(value)
+
+    shown = ", ".join(f"{f.name}={show(f.name)}" for f in fields(obj))
+    return f"{type(obj).__name__}({shown})"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"  # panic|fatal|error|warn|info|debug|trace ("warning" reads as "warn")
+    formatter: str = "text"  # text|json ("logstash" reads as "json")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    # Default ./data without a file; /var/lib/registry when `storage.filesystem` omits the
+    # rootdirectory, which is where distribution's filesystem driver would have put the data.
+    root: Path = Path("data")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    addr: str = ":5000"  # Go listen address: "host:port", ":port" or "[v6]:port"
+    host: str | None = None  # externally visible base URL, used to build absolute URLs
+    debug_addr: str | None = None  # metrics/debug listener; None = off
+    tls: TLSSettings | None = None  # None = plain HTTP (TLS usually ends at nginx)
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        """(host, port) for the listener; ":5000" binds every IPv4 interface."""
+        return _bind(self.addr, "http.addr")
+
+    @property
+    def debug_bind(self) -> tuple[str, int] | None:
+        return _bind(self.debug_addr, "http.debug.addr") if self.debug_addr else None
+
+
+def _bind(addr: str, key: str) -> tuple[str, int]:
+    host, port = _host_port(addr, key)
+    return host or "0.0.0.0", port
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ProxySettings:
+    remoteurl: str = DOCKER_HUB  # upstream registry, no trailing slash
+    username: str | None = None  # upstream credentials; both or neither
+    password: str | None = None  # redacted in repr
+    ttl: float | None = None  # parsed, not enforced: eviction is by quota, tags use mirror.tag_ttl
+
+    def __repr__(self) -> str:
+        return _redacting_repr(self, frozenset({"password"}))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    connect_timeout: float = 10.0  # seconds
+    read_timeout: float = 60.0  # seconds idle between two reads, not a total
+    pool_timeout: float = 30.0  # seconds waiting for a free pooled connection
+    max_connections: int = 64
+    max_keepalive: int = 32  # at most max_connections
+    keepalive_expiry: float = 60.0  # seconds
+    retries: int = 3
+    max_concurrency: int = 0  # concurrent upstream requests; 0 = unlimited
+    max_bandwidth: int = 0  # bytes per second; 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_size: int | None = None  # bytes; None = no byte quota
+    max_size_percent: float | None = None  # from "80%": percent of the store's disk, in (0, 100]
+    high_watermark: float = 0.95  # eviction starts above this fraction of the quota
+    low_watermark: float = 0.85  # and stops below this one; 0 < low < high <= 1
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAuthSettings:
+    mode: str = "local"  # local | forward
+    token_proxy: bool = False
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AdminSettings:
+    token: str | None = None  # None = admin API off; redacted in repr
+
+    def __repr__(self) -> str:
+        return _redacting_repr(self, frozenset({"token"}))
+
+
+@dataclass(frozen=True, slots=True)
+class NotifySettings:
+    forward_to: tuple[str, ...] = ()  # http(s) URLs
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchSettings:
+    rules: tuple[str, ...] = ()  # glob strings
+    keep_fresh: int = 0
+    interval: float = 600.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    tag_ttl: float = 60.0  # seconds a cached tag is trusted without asking upstream
+    tag_max_stale: float = 7 * 86400.0  # seconds a cached tag may be served while upstream fails
+    negative_ttl: float = 5.0  # seconds an upstream 404 is remembered
+    metadata_dir: Path | None = None  # None = <storage root>/metadata; must be local disk (SQLite)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    auth: MirrorAuthSettings = field(default_factory=MirrorAuthSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    passthrough_writes: bool = False
+    trusted_proxies: tuple[str, ...] = ()  # canonical CIDR strings
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
+    client_idle_timeout: float = 60.0  # seconds
+    manifest_max_size: int = 4 * MiB  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAuthSettings:
+    realm: str  # where clients get tokens (sent in the WWW-Authenticate challenge)
+    service: str  # expected token audience
+    issuer: str  # expected token issuer
+    rootcertbundle: Path | None = None  # certificates whose keys sign tokens; this or jwks
+    jwks: Path | None = None
+    signingalgorithms: tuple[str, ...] = ()  # () = the verifier's default set
+    autoredirect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HtpasswdSettings:
+    realm: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """At most one provider, as in distribution; both None = no client auth."""
+
+    token: TokenAuthSettings | None = None
+    htpasswd: HtpasswdSettings | None = None
+
+
+def _no_headers() -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class NotificationEndpoint:
+    """One webhook; non-positive timeout/threshold/backoff take distribution's defaults."""
+
+    name: str
+    url: str
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=_no_headers)  # redacted in repr
+    timeout: float = 1.0  # seconds
+    threshold: int = 10  # failures before backing off
+    backoff: float = 1.0  # seconds
+    ignoredmediatypes: tuple[str, ...] = ()  # ignoredmediatypes + ignore.mediatypes
+    ignore_actions: tuple[str, ...] = ()  # ignore.actions
+    disabled: bool = False
+
+    def __repr__(self) -> str:
+        return _redacting_repr(self, frozenset({"headers"}))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    version: str = "0.1"
+    log: LogSettings = field(default_factory=LogSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    notifications: tuple[NotificationEndpoint, ...] = ()
+    mirror: MirrorSettings = field(default_factory=MirrorSettings)
+    ignored_keys: tuple[str, ...] = ()  # accepted by distribution, not used here: warn once
+    unknown_keys: tuple[str, ...] = ()  # known to nobody (env ones as "env:NAME"): warn
+
+    @property
+    def metadata_dir(self) -> Path:
+        return self.mirror.metadata_dir or self.storage.root / "metadata"
+
+
+# --- the key tree: what distribution accepts, what we use ------------------------------------
+
+USE = "use"  # a key we read
+IGNORE = "ignore"  # a key (and its whole subtree) distribution accepts and we do not read
+
+
+@dataclass(frozen=True, slots=True)
+class _ListOf:
+    """A list whose items all follow one mapping schema (notification endpoints)."""
+
+    item: dict[str, Any]
+
+
+_STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "s3aws", "azure", "gcs", "swift", "oss")
+_STORAGE_OPTIONS = ("delete", "cache", "maintenance", "redirect", "tag")
+_AUTH_PROVIDERS = ("token", "htpasswd", "silly")
+
+_UPSTREAM_FIELDS = {
+    "connect_timeout": _positive_duration,
+    "read_timeout": _positive_duration,
+    "pool_timeout": _positive_duration,
+    "max_connections": _positive_int,
+    "max_keepalive": _non_negative_int,
+    "keepalive_expiry": parse_duration,
+    "retries": _non_negative_int,
+    "max_concurrency": _non_negative_int,
+    "max_bandwidth": _bandwidth,
+}
+_CACHE_FIELDS = {"high_watermark": _fraction, "low_watermark": _fraction}
+_MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean}
+_ADMIN_FIELDS = {"token": _string}
+_NOTIFY_FIELDS = {"forward_to": _http_urls}
+_PREFETCH_FIELDS = {
+    "rules": _strings,
+    "keep_fresh": _non_negative_int,
+    "interval": _positive_duration,
+}
+_MIRROR_FIELDS = {
+    "tag_ttl": parse_duration,
+    "tag_max_stale": parse_duration,
+    "negative_ttl": parse_duration,
+    "metadata_dir": _path,
+    "passthrough_writes": _boolean,
+    "trusted_proxies": _networks,
+    "client_idle_timeout": _positive_duration,
+    "manifest_max_size": _positive_size,
+}
+_TOKEN_FIELDS = {
+    "realm": _string,
+    "service": _string,
+    "issuer": _string,
+    "rootcertbundle": _path,
+    "jwks": _path,
+    "signingalgorithms": _strings,
+    "autoredirect": _boolean,
+}
+_JWS_ALGORITHMS = (
+    "EdDSA",
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "PS256",
+    "PS384",
+    "PS512",
+)
+
+
+def _uses(*names: str) -> dict[str, Any]:
+    return dict.fromkeys(names, USE)
+
+
+def _ignores(*names: str) -> dict[str, Any]:
+    return dict.fromkeys(names, IGNORE)
+
+
+def _mirror_schema() -> dict[str, Any]:
+    """Derived from the parser tables, so the accepted keys and the parsed keys cannot drift."""
+    return {
+        **_uses(*_MIRROR_FIELDS),
+        "upstream": _uses(*_UPSTREAM_FIELDS),
+        "cache": _uses("max_size", *_CACHE_FIELDS),
+        "auth": _uses(*_MIRROR_AUTH_FIELDS),
+        "admin": _uses(*_ADMIN_FIELDS),
+        "notify": _uses(*_NOTIFY_FIELDS),
+        "prefetch": _uses(*_PREFETCH_FIELDS),
+    }
+
+
+def _schema() -> dict[str, Any]:
+    """Every key of distribution 2.8/3.x's configuration.go, marked USE or IGNORE, plus ours."""
+    tls = {
+        **_uses("certificate", "key"),
+        **_ignores("clientcas", "minimumtls", "ciphersuites", "letsencrypt"),
+    }
+    http = {
+        **_uses("addr", "net", "host"),
+        **_ignores("prefix", "secret", "relativeurls", "draintimeout", "headers", "http2", "h2c"),
+        "tls": tls,
+        "debug": {"addr": USE, "prometheus": IGNORE},
+    }
+    endpoint = {
+        **_uses(
+            "name",
+            "disabled",
+            "url",
+            "headers",
+            "timeout",
+            "threshold",
+            "backoff",
+            "ignoredmediatypes",
+        ),
+        "ignore": _uses("mediatypes", "actions"),
+    }
+    return {
+        **_uses("version", "loglevel"),
+        "log": {
+            **_uses("level", "formatter"),
+            **_ignores("fields", "hooks", "accesslog", "reportcaller"),
+        },
+        "storage": {
+            **_ignores(*_STORAGE_DRIVERS, *_STORAGE_OPTIONS),
+            "filesystem": {"rootdirectory": USE, "maxthreads": IGNORE},
+        },
+        "auth": {
+            "token": {**_uses(*_TOKEN_FIELDS), "autoredirectpath": IGNORE},
+            "htpasswd": _uses("realm", "path"),
+            "silly": IGNORE,
+        },
+        "http": http,
+        "notifications": {"events": IGNORE, "endpoints": _ListOf(endpoint)},
+        "proxy": _uses("remoteurl", "username", "password", "ttl"),
+        "mirror": _mirror_schema(),
+        **_ignores(
+            "middleware",
+            "reporting",
+            "redis",
+            "health",
+            "catalog",
+            "validation",
+            "compatibility",
+            "policy",
+        ),
+    }
+
+
+def _as_mapping(value: Any, key: str) -> Mapping[str, Any]:
+    """An empty YAML section (``log:``) is an empty mapping; anything else must be a mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {_kind(value)}")
+    return value
+
+
+def _classify(value: Any, node: Any, key: str, ignored: list[str], unknown: list[str]) -> None:
+    """Walks the raw tree against the schema, collecting ignored and unknown dotted keys.
+
+    Raises:
+        ConfigError: where a mapping or list is expected and something else is found, and for
+            unknown keys under ``mirror`` (our section: a typo there must not pass silently).
+    """
+    if node == IGNORE:
+        ignored.append(key)
+    elif isinstance(node, _ListOf):
+        items = [] if value is None else value
+        if not isinstance(items, list):
+            raise ConfigError(key, f"expected a list, got {_kind(items)}")
+        for i, item in enumerate(items):
+            _classify(item, node.item, f"{key}[{i}]", ignored, unknown)
+    elif isinstance(node, dict):
+        for name, child in _as_mapping(value, key or "<document>").items():
+            child_key = f"{key}.{name}" if key else str(name)
+            if name in node:
+                _classify(child, node[name], child_key, ignored, unknown)
+            elif child_key.startswith("mirror."):
+                raise ConfigError(child_key, f"unknown key (expected one of: {', '.join(node)})")
+            else:
+                unknown.append(child_key)
+
+
+# --- reading the file and the environment -----------------------------------------------------
+
+
+class _TextScalarLoader(yaml.SafeLoader):
+    """Keeps numbers, booleans and dates as their text; the parsers decide what they mean."""
+
+    yaml_constructors: ClassVar[dict[Any, Any]] = {
+        **yaml.SafeLoader.yaml_constructors,
+        **{
+            f"tag:yaml.org,2002:{tag}": yaml.SafeLoader.construct_scalar
+            for tag in ("bool", "int", "float", "timestamp")
+        },
+    }
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The document as a mapping, with file and syntax problems as one-line ConfigErrors."""
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            document = yaml.load(stream, Loader=_TextScalarLoader)  # a SafeLoader subclass
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(name, "cannot read: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, _yaml_problem(exc)) from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(name, f"expected a mapping at the top level, got {_kind(document)}")
+    return document
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"invalid YAML{where}: {problem}"
+
+
+def _expand_shorthands(raw: dict[str, Any]) -> dict[str, Any]:
+    """distribution accepts ``storage: inmemory`` and ``auth: silly``: a bare name, no params."""
+    raw = dict(raw)
+    for section in ("storage", "auth"):
+        if isinstance(raw.get(section), str):
+            raw[section] = {raw[section]: None}
+    return raw
+
+
+def _env_path(tokens: list[str], node: Any) -> tuple[str, ...] | None:
+    """Resolves REGISTRY_ name parts to a key path; longest match first, since ours have "_"."""
+    path: list[str] = []
+    i = 0
+    while i < len(tokens):
+        if node == IGNORE:  # free-form below here, as distribution's parameter maps are
+            return (*path, *(token.lower() for token in tokens[i:]))
+        if not isinstance(node, dict):
+            return None
+        for j in range(len(tokens), i, -1):
+            name = "_".join(tokens[i:j]).lower()
+            if name in node:
+                break
+        else:
+            return None
+        path.append(name)
+        node, i = node[name], j
+    return tuple(path)
+
+
+def _env_value(name: str, text: str, key: str) -> Any:
+    """Text as given; "" = unset; ``[...]``/``{...}`` is YAML flow so lists can be set."""
+    if not text.strip():
+        return None
+    if not text.lstrip().startswith(("[", "{")):
+        return text
+    try:
+        return yaml.load(text, Loader=_TextScalarLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"{name}: {_yaml_problem(exc)}") from None
+
+
+def _set_path(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Sets a nested key, copying each mapping on the way so YAML aliases are not mutated."""
+    node = raw
+    for name in path[:-1]:
+        child = node.get(name)
+        node[name] = dict(child) if isinstance(child, dict) else {}
+        node = node[name]
+    node[path[-1]] = value
+
+
+def _apply_env(
+    raw: dict[str, Any], environ: Mapping[str, str], schema: dict[str, Any]
+) -> list[str]:
+    """Applies REGISTRY_* overrides in place, parents before children; returns unknown names."""
+    found = []
+    for name, text in environ.items():
+        if name.startswith("REGISTRY_"):
+            found.append((_env_path(name[len("REGISTRY_") :].split("_"), schema), name, text))
+    unknown = []
+    for path, name, text in sorted(found, key=lambda item: (len(item[0] or ()), item[1])):
+        if path is None or path == ("version",):  # distribution never lets env set the version
+            unknown.append(f"env:{name}")
+        else:
+            _set_path(raw, path, _env_value(name, text, ".".join(path)))
+    return unknown
+
+
+# --- building the settings --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """A mapping from the file plus its dotted key, so every error names the full key."""
+
+    data: Mapping[str, Any]
+    prefix: str = ""
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def raw(self, name: str) -> Any:
+        """The value, with "" read as unset (as an empty env variable is)."""
+        value = self.data.get(name)
+        return None if value == "" else value
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def sub(self, name: str) -> _Section:
+        value = self.data.get(name)
+        return _Section(value if isinstance(value, Mapping) else {}, self.key(name))
+
+    def get(self, name: str, parse: Callable[[Any, str], Any], default: Any = None) -> Any:
+        value = self.raw(name)
+        return default if value is None else parse(value, self.key(name))
+
+    def build(self, cls: type[_T], parsers: Mapping[str, Callable[[Any, str], Any]]) -> _T:
+        """``cls`` from the keys present; absent keys keep the dataclass defaults (one source)."""
+        values = {name: self.get(name, parse) for name, parse in parsers.items()}
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+
+def _version(root: _Section) -> str:
+    version: str = root.get("version", _string, "0.1").strip()
+    if version != "0.1":
+        raise ConfigError("version", f"unsupported version {version!r}, expected 0.1")
+    return version
+
+
+def _log(root: _Section) -> LogSettings:
+    log = root.sub("log")
+    levels = _one_of(
+        "panic",
+        "fatal",
+        "error",
+        "warn",
+        "warning",
+        "info",
+        "debug",
+        "trace",
+        aliases={"warning": "warn"},
+    )
+    legacy = root.get("loglevel", levels)  # validated even when log.level wins, as distribution
+    return LogSettings(
+        level=log.get("level", levels) or legacy or "info",
+        formatter=log.get(
+            "formatter", _one_of("text", "json", "logstash", aliases={"logstash": "json"}), "text"
+        ),
+    )
+
+
+def _storage(root: _Section) -> StorageSettings:
+    storage = root.sub("storage")
+    drivers = [name for name in _STORAGE_DRIVERS if storage.has(name)]
+    if len(drivers) > 1:
+        raise ConfigError(
+            "storage", f"exactly one storage driver allowed, got {', '.join(drivers)}"
+        )
+    if drivers != ["filesystem"]:
+        return StorageSettings()
+    filesystem = storage.sub("filesystem")
+    return StorageSettings(root=filesystem.get("rootdirectory", _path, Path("/var/lib/registry")))
+
+
+def _http(root: _Section) -> HttpSettings:
+    http = root.sub("http")
+    net = http.get("net", _one_of("tcp", "tcp4", "tcp6"))
+    if net not in (None, "tcp"):
+        raise ConfigError("http.net", f"only tcp is supported, got {net!r}")
+    return HttpSettings(
+        addr=http.get("addr", _address, ":5000"),
+        host=http.get("host", _http_url),
+        debug_addr=http.sub("debug").get("addr", _address),
+        tls=_tls(http.sub("tls")),
+    )
+
+
+def _tls(tls: _Section) -> TLSSettings | None:
+    certificate, key = tls.get("certificate", _path), tls.get("key", _path)
+    if certificate is None and key is None:
+        return None
+    if certificate is None or key is None:
+        missing = "certificate" if certificate is None else "key"
+        raise ConfigError(tls.key(missing), "required: set both certificate and key, or neither")
+    return TLSSettings(certificate=certificate, key=key)
+
+
+def _proxy(root: _Section) -> ProxySettings:
+    proxy = root.sub("proxy")
+    settings = proxy.build(
+        ProxySettings,
+        {"remoteurl": _remote_url, "username": _string, "password": _string, "ttl": parse_duration},
+    )
+    if (settings.username is None) != (settings.password is None):
+        missing = "password" if settings.password is None else "username"
+        raise ConfigError(
+            proxy.key(missing), "required: set both username and password, or neither"
+        )
+    return settings
+
+
+def _auth(root: _Section) -> AuthSettings:
+    auth = root.sub("auth")
+    for name in auth.data:
+        if name not in _AUTH_PROVIDERS:  # serving without the auth the operator asked for is worse
+            raise ConfigError(auth.key(name), "unsupported auth provider (use token or htpasswd)")
+    if len(auth.data) > 1:
+        raise ConfigError("auth", f"exactly one provider allowed, got {', '.join(auth.data)}")
+    return AuthSettings(
+        token=_token(auth.sub("token")) if auth.has("token") else None,
+        htpasswd=_htpasswd(auth.sub("htpasswd")) if auth.has("htpasswd") else None,
+    )
+
+
+def _required(section: _Section, name: str, parse: Callable[[Any, str], Any]) -> Any:
+    value = section.get(name, parse)
+    if value is None:
+        raise ConfigError(section.key(name), "required")
+    return value
+
+
+def _token(token: _Section) -> TokenAuthSettings:
+    for name in ("realm", "service", "issuer"):
+        _required(token, name, _string)
+    if token.raw("rootcertbundle") is None and token.raw("jwks") is None:
+        raise ConfigError(token.key("rootcertbundle"), "required (or auth.token.jwks)")
+    settings = token.build(TokenAuthSettings, _TOKEN_FIELDS)
+    for i, algorithm in enumerate(settings.signingalgorithms):
+        if algorithm not in _JWS_ALGORITHMS:
+            raise ConfigError(
+                token.key(f"signingalgorithms[{i}]"),
+                f"unknown algorithm {algorithm!r} (one of {', '.join(_JWS_ALGORITHMS)})",
+            )
+    return settings
+
+
+def _htpasswd(htpasswd: _Section) -> HtpasswdSettings:
+    return HtpasswdSettings(
+        realm=htpasswd.get("realm", _string, "basic-realm"), path=_required(htpasswd, "path", _path)
+    )
+
+
+def _notifications(root: _Section) -> tuple[NotificationEndpoint, ...]:
+    section = root.sub("notifications")
+    items = section.raw("endpoints") or []  # shape already checked by _classify
+    return tuple(
+        _endpoint(_Section(item or {}, f"{section.key('endpoints')}[{i}]"))
+        for i, item in enumerate(items)
+    )
+
+
+def _endpoint(endpoint: _Section) -> NotificationEndpoint:
+    ignore = endpoint.sub("ignore")
+    disabled = endpoint.get("disabled", _boolean, False)
+    url = endpoint.get("url", _http_url) if disabled else _required(endpoint, "url", _http_url)
+    return NotificationEndpoint(
+        name=endpoint.get("name", _string, endpoint.prefix),
+        url=url or "",
+        headers=endpoint.get("headers", _headers, _no_headers()),
+        # distribution replaces non-positive values with its defaults (1s, 10, 1s): so do we.
+        timeout=_positive_or(endpoint.get("timeout", parse_duration), 1.0),
+        threshold=_positive_or(endpoint.get("threshold", _integer), 10),
+        backoff=_positive_or(endpoint.get("backoff", parse_duration), 1.0),
+        ignoredmediatypes=tuple(
+            dict.fromkeys(
+                endpoint.get("ignoredmediatypes", _strings, ())
+                + ignore.get("mediatypes", _strings, ())
+            )
+        ),
+        ignore_actions=ignore.get("actions", _strings, ()),
+        disabled=disabled,
+    )
+
+
+def _positive_or(value: Any, default: Any) -> Any:
+    return value if value is not None and value > 0 else default
+
+
+def _headers(value: Any, key: str) -> Mapping[str, tuple[str, ...]]:
+    """Go's http.Header: each name maps to a list of values (one string is accepted too)."""
+    headers = _as_mapping(value, key)
+    return MappingProxyType(
+        {
+            str(name): (values,) if isinstance(values, str) else _strings(values, f"{key}.{name}")
+            for name, values in headers.items()
+        }
+    )
+
+
+def _mirror(root: _Section) -> MirrorSettings:
+    mirror = root.sub("mirror")
+    return replace(
+        mirror.build(MirrorSettings, _MIRROR_FIELDS),
+        upstream=_upstream(mirror.sub("upstream")),
+        cache=_cache(mirror.sub("cache")),
+        auth=mirror.sub("auth").build(MirrorAuthSettings, _MIRROR_AUTH_FIELDS),
+        admin=mirror.sub("admin").build(AdminSettings, _ADMIN_FIELDS),
+        notify=mirror.sub("notify").build(NotifySettings, _NOTIFY_FIELDS),
+        prefetch=mirror.sub("prefetch").build(PrefetchSettings, _PREFETCH_FIELDS),
+    )
+
+
+def _upstream(upstream: _Section) -> UpstreamSettings:
+    settings = upstream.build(UpstreamSettings, _UPSTREAM_FIELDS)
+    if settings.max_keepalive > settings.max_connections:
+        raise ConfigError(
+            upstream.key("max_keepalive"),
+            f"must not exceed max_connections ({settings.max_connections})",
+        )
+    return settings
+
+
+def _cache(cache: _Section) -> CacheSettings:
+    """``max_size`` is bytes or, ending in "%", a share of the disk: two fields, one key."""
+    settings = cache.build(CacheSettings, _CACHE_FIELDS)
+    if settings.low_watermark >= settings.high_watermark:
+        raise ConfigError(
+            cache.key("low_watermark"), f"must be below high_watermark ({settings.high_watermark})"
+        )
+    max_size = cache.raw("max_size")
+    if isinstance(max_size, str) and max_size.strip().endswith("%"):
+        return replace(settings, max_size_percent=_percent(max_size, cache.key("max_size")))
+    return replace(settings, max_size=cache.get("max_size", _positive_size))
+
+
+def _percent(value: str, key: str) -> float:
+    number = value.strip()[:-1].strip()
+    if not _NUMBER.fullmatch(number) or not 0 < float(number) <= 100:
+        raise ConfigError(key, f"expected a percentage in (0%, 100%], got {value!r}")
+    return float(number)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Reads a distribution config.yml (or none), applies REGISTRY_* overrides, validates.
+
+    Args:
+        path: the YAML file; None means defaults plus environment only.
+        environ: the environment to read REGISTRY_* from; None means ``os.environ``.
+
+    Raises:
+        ConfigError: on the first unreadable file, malformed YAML, or bad value, naming its key.
+    """
+    schema = _schema()
+    raw = _read_file(path) if path is not None else {}
+    env_unknown = _apply_env(raw, os.environ if environ is None else environ, schema)
+    raw = _expand_shorthands(raw)
+    ignored: list[str] = []
+    unknown: list[str] = []
+    _classify(raw, schema, "", ignored, unknown)
+    root = _Section(raw)
+    return Settings(
+        version=_version(root),
+        log=_log(root),
+        storage=_storage(root),
+        http=_http(root),
+        proxy=_proxy(root),
+        auth=_auth(root),
+        notifications=_notifications(root),
+        mirror=_mirror(root),
+        ignored_keys=tuple(dict.fromkeys(ignored)),
+        unknown_keys=tuple(dict.fromkeys(unknown + env_unknown)),
+    )

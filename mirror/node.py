@@ -1,0 +1,73 @@
+"""The node: every long-lived part, built from settings and wired once."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mirror.config import Settings
+from mirror.proxy.blobs import Blobs
+from mirror.proxy.fetcher import Fetcher
+from mirror.proxy.manifests import Manifests
+from mirror.proxy.negative import NegativeCache
+from mirror.proxy.tags import TagLists
+from mirror.storage.blobstore import BlobStore
+from mirror.storage.metadata import Metadata
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+
+
+@dataclass
+class Node:
+    """Everything a request handler may need, owned by the application."""
+
+    settings: Settings
+    store: BlobStore
+    metadata: Metadata
+    upstream: Upstream
+    executor: ThreadPoolExecutor
+    fetcher: Fetcher
+    blobs: Blobs
+    manifests: Manifests
+    tags: TagLists
+
+    @property
+    def namespaces(self) -> frozenset[str]:
+        """The `?ns=` values (containerd) that name our upstream."""
+        host = urlsplit(self.upstream.base_url).netloc.lower()
+        names = {host, host.split(":")[0] if host.endswith((":443", ":80")) else host}
+        if host.split(":")[0] in DOCKER_HUB_HOSTS:
+            names |= DOCKER_HUB_HOSTS
+        return frozenset(names)
+
+
+async def open_node(settings: Settings, transport: object = None) -> Node:
+    """Open the store and metadata, sweep leftovers, build the services."""
+    store = BlobStore(settings.storage.root)
+    store.open()
+    metadata = Metadata(settings.metadata_dir / "metadata.sqlite")
+    await metadata.open()
+    mirror = settings.mirror
+    upstream = Upstream(settings.proxy.remoteurl, settings.proxy.username, settings.proxy.password,
+                        mirror.upstream, transport=transport)  # type: ignore[arg-type]
+    executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
+    negative = NegativeCache(mirror.negative_ttl)
+    blobs = Blobs(store, metadata, upstream, executor, negative, retries=mirror.upstream.retries)
+    manifests = Manifests(store, metadata, upstream, executor, negative, tag_ttl=mirror.tag_ttl,
+                          tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
+    tags = TagLists(metadata, upstream, mirror.tag_ttl)
+    return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags)
+
+
+async def close_node(node: Node) -> None:
+    """Stop fetches, close the pool, flush metadata, release the store."""
+    await node.fetcher.close()
+    await node.upstream.aclose()
+    await node.metadata.close()
+    node.executor.shutdown(wait=True)
+    node.store.close()

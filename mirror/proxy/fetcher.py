@@ -1,0 +1,236 @@
+"""One upstream download per blob, streamed to every waiter as it arrives.
+
+A :class:`BlobFetch` writes upstream's bytes to a temp file in the store,
+hashing as it goes, and publishes by rename once the digest checks. Readers
+(the first client included) never share its memory: each reads the growing
+temp file through its own descriptor, up to what is written minus a held-back
+tail, and receives the tail only after the digest verified. So a slow client
+never slows the fetch, a client that leaves never cancels it, memory stays
+bounded whatever the blob size, and a mismatch leaves every reader short of
+`Content-Length` (a complete-looking wrong blob cannot be received).
+
+A connection reset mid-blob resumes with a `Range` request from the bytes
+already written; the final digest still verifies the whole blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mirror import errors
+from mirror.registry.digest import Digest
+from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+HOLD_BACK = 64 * 1024
+WRITE_BATCH = 64 * 1024
+
+
+class BlobFetch:
+    """The state of one in-flight download, observed by its readers."""
+
+    def __init__(self, digest: Digest, repo: str) -> None:
+        self.digest = digest
+        self.repo = repo
+        self.size: int | None = None
+        self.written = 0
+        self.committed = False
+        self.error: errors.RegistryError | None = None
+        self.temp_path: str | None = None
+        self._started = asyncio.Event()
+        self._progress = asyncio.Event()
+        self.done = asyncio.Event()
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def fail(self, error: errors.RegistryError) -> None:
+        """End the fetch with an error every reader sees."""
+        self.error = error
+        self._started.set()
+        self.done.set()
+        self._notify()
+
+    async def started(self) -> int | None:
+        """Wait for upstream's headers; the blob size, or raise its error."""
+        await self._started.wait()
+        if self.error is not None and self.written == 0:
+            raise self.error
+        return self.size
+
+    async def readable(self, offset: int) -> int:
+        """Wait until bytes past `offset` may be sent; the end of what may.
+
+        Raises:
+            RegistryError: the fetch failed; the reader must abort.
+        """
+        while True:
+            if self.error is not None:
+                raise self.error
+            limit = self._limit()
+            if limit > offset:
+                return limit
+            if self.committed:
+                return limit
+            await self._progress.wait()
+
+    def _limit(self) -> int:
+        if self.committed:
+            return self.written
+        if self.size is None:
+            return max(0, self.written - HOLD_BACK)
+        return min(self.written, max(0, self.size - HOLD_BACK))
+
+
+OnCommit = Callable[[BlobFetch], Awaitable[None]]
+
+
+class Fetcher:
+    """Runs and de-duplicates blob downloads for the whole process.
+
+    Args:
+        store: where verified blobs are published.
+        upstream: the registry they come from.
+        executor: threads for file writes (never the event loop).
+        on_commit: records metadata (size, link) once a blob is published.
+        retries: resumptions allowed after a broken stream.
+    """
+
+    def __init__(self, store: BlobStore, upstream: Upstream, executor: ThreadPoolExecutor,
+                 on_commit: OnCommit, retries: int = 3) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.executor = executor
+        self.on_commit = on_commit
+        self.retries = retries
+        self.inflight: dict[Digest, BlobFetch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, digest: Digest) -> BlobFetch | None:
+        """The in-flight fetch of `digest`, if any."""
+        return self.inflight.get(digest)
+
+    def start(self, repo: str, digest: Digest, authorization: str | None = None) -> BlobFetch:
+        """Join the fetch of `digest`, starting one (through `repo`) if needed."""
+        fetch = self.inflight.get(digest)
+        if fetch is None:
+            fetch = BlobFetch(digest, repo)
+            self.inflight[digest] = fetch
+            task = asyncio.create_task(self._run(fetch, authorization))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return fetch
+
+    async def close(self) -> None:
+        """Cancel every fetch (shutdown); temp files are removed."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self, fetch: BlobFetch, authorization: str | None) -> None:
+        writer: BlobWriter | None = None
+        try:
+            writer = await self._io(self.store.writer, fetch.digest, None)
+            fetch.temp_path = str(writer.temp_path)
+            await self._download(fetch, writer, authorization)
+            await self._io(writer.commit)
+            writer = None
+            fetch.committed = True
+            await self.on_commit(fetch)
+        except errors.RegistryError as exc:
+            fetch.fail(exc)
+        except DigestMismatch as exc:
+            log.error("upstream sent wrong bytes for %s: %s", fetch.digest, exc)
+            fetch.fail(errors.Unavailable("upstream sent content that does not match the digest"))
+        except OSError as exc:
+            log.error("store write failed for %s: %s", fetch.digest, exc)
+            fetch.fail(errors.Unavailable("the mirror could not store this blob", headers={"Retry-After": "10"}))
+        except asyncio.CancelledError:
+            fetch.fail(errors.Unavailable("mirror shutting down"))
+            raise
+        except Exception:
+            log.exception("fetch of %s failed", fetch.digest)
+            fetch.fail(errors.Unknown())
+        finally:
+            if writer is not None:
+                await self._io(writer.abort)
+            self.inflight.pop(fetch.digest, None)
+            fetch.done.set()
+            fetch._notify()
+
+    async def _download(self, fetch: BlobFetch, writer: BlobWriter, authorization: str | None) -> None:
+        """Stream upstream into `writer`, resuming from the bytes it has."""
+        attempt = 0
+        while True:
+            try:
+                await self._stream_once(fetch, writer, authorization)
+                return
+            except errors.Unavailable:
+                if attempt >= self.retries:
+                    raise
+                attempt += 1
+                delay = min(0.2 * 2**attempt, 5.0)
+                log.warning("blob %s broke at %d bytes; resuming in %.1fs (attempt %d)",
+                            fetch.digest, writer.written, delay, attempt)
+                await asyncio.sleep(delay)
+
+    async def _stream_once(self, fetch: BlobFetch, writer: BlobWriter, authorization: str | None) -> None:
+        async with self.upstream.stream_blob(fetch.repo, fetch.digest, writer.written,
+                                             authorization) as stream:
+            self._announce(fetch, writer, stream.total)
+            pending: list[bytes] = []
+            pending_size = 0
+            async for chunk in stream.chunks():
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_BATCH:
+                    await self._flush(fetch, writer, pending)
+                    pending, pending_size = [], 0
+            await self._flush(fetch, writer, pending)
+        if fetch.size is not None and writer.written < fetch.size:
+            raise errors.Unavailable("upstream closed the blob early")
+
+    def _announce(self, fetch: BlobFetch, writer: BlobWriter, total: int | None) -> None:
+        """Record the size from the first response; later ranges must agree."""
+        if fetch.size is None and writer.written == 0:
+            fetch.size = total
+            writer.expected_size = total
+            fetch._started.set()
+        elif total is not None and fetch.size is not None and total != fetch.size:
+            raise DigestMismatch(f"{fetch.digest}: resumed size {total} != {fetch.size}")
+
+    async def _flush(self, fetch: BlobFetch, writer: BlobWriter, pending: list[bytes]) -> None:
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        fetch.written = await self._io(writer.write, data)
+        fetch._notify()
+
+
+def open_for_read(fetch: BlobFetch, store: BlobStore) -> int:
+    """Open the blob being fetched: its temp file, or the object once published.
+
+    Raises:
+        RegistryError: the fetch failed before anything could be read.
+    """
+    for path in (fetch.temp_path, store.path(fetch.digest)):
+        # The temp file is renamed on commit; only a verified object is ever
+        # at the final path, so falling back to it is safe.
+        if path is None:
+            continue
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+    raise fetch.error or errors.Unavailable("blob fetch ended")

@@ -1,0 +1,209 @@
+"""Manifests: by digest from the store, by tag through a revalidated tag cache.
+
+Digests are immutable and never revalidated. A tag is answered from cache
+within `mirror.tag_ttl`; after it, one coalesced `HEAD` upstream revalidates
+it however many requests arrive meanwhile, and a GET follows only when the
+digest moved. When upstream is unreachable, slow, or answers 5xx/429, the
+cached tag is served stale (logged) up to `mirror.tag_max_stale`; after a
+401, 403 or 404 it is dropped and never served stale.
+
+Negotiation is local, per request, over one object per digest and one
+tag -> (digest, media type) per repository, as distribution does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from mirror import errors
+from mirror.proxy.negative import NOT_FOUND, NegativeCache
+from mirror.proxy.singleflight import SingleFlight
+from mirror.registry import manifest as manifests
+from mirror.registry import mediatypes
+from mirror.registry.digest import Digest
+from mirror.registry.reference import Reference, Tag
+from mirror.storage.blobstore import BlobStore
+from mirror.storage.metadata import Metadata, TagRecord
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+STALE_WAIT = 3.0  # how long a request waits on a revalidation before taking the stale tag
+REVOKED = (errors.Unauthorized, errors.Denied, *NOT_FOUND)
+TRANSIENT = (errors.Unavailable, errors.TooManyRequests)
+DEFAULT_PLATFORM = manifests.Platform("linux", "amd64")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    """A manifest ready to serve, with how it was obtained."""
+
+    raw: bytes
+    media_type: str
+    digest: Digest
+    cache: str = "hit"
+    fetched_at: float | None = None  # for tags: when upstream last confirmed it
+
+
+class Manifests:
+    """Manifest lookups for the read API."""
+
+    def __init__(self, store: BlobStore, metadata: Metadata, upstream: Upstream,
+                 executor: ThreadPoolExecutor, negative: NegativeCache, *,
+                 tag_ttl: float, tag_max_stale: float, max_size: int) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.upstream = upstream
+        self.executor = executor
+        self.negative = negative
+        self.tag_ttl = tag_ttl
+        self.tag_max_stale = tag_max_stale
+        self.max_size = max_size
+        self._flight: SingleFlight[Any] = SingleFlight()
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def get(self, repo: str, reference: Reference, accepted: frozenset[str],
+                  authorization: str | None = None) -> ManifestResult:
+        """The manifest to answer for this request, negotiated on `accepted`.
+
+        Raises:
+            ManifestUnknown: unknown upstream, or not acceptable to the client
+                (an OCI type it did not ask for).
+        """
+        if isinstance(reference, Tag):
+            result = await self.by_tag(repo, reference.value, authorization)
+        else:
+            result = await self.by_digest(repo, reference, authorization)
+        if (isinstance(reference, Tag) and result.media_type == mediatypes.DOCKER_MANIFEST_LIST
+                and not mediatypes.accepts(accepted, result.media_type)):
+            result = await self._platform_child(repo, result, authorization)
+        if result.media_type in mediatypes.OCI_TYPES and not mediatypes.accepts(accepted, result.media_type):
+            raise errors.ManifestUnknown(
+                "OCI manifest found, but the Accept header does not support OCI manifests",
+                detail={"mediaType": result.media_type})
+        return result
+
+    async def _platform_child(self, repo: str, result: ManifestResult,
+                              authorization: str | None) -> ManifestResult:
+        """A manifest list for a schema2-only client: its linux/amd64 image."""
+        child = manifests.parse(result.raw, result.media_type).child_for(DEFAULT_PLATFORM)
+        if child is None:
+            raise errors.ManifestUnknown("manifest list has no linux/amd64 image for this client")
+        return await self.by_digest(repo, child.digest, authorization)
+
+    # -- by digest ------------------------------------------------------------
+
+    async def by_digest(self, repo: str, digest: Digest, authorization: str | None = None) -> ManifestResult:
+        """A manifest by digest: from the store if linked, else fetched once."""
+        local = await self._load(repo, digest)
+        if local is not None:
+            return local
+        self.negative.check(("manifest", repo, digest))
+        return await self._flight.run(("get", repo, str(digest)),
+                                      lambda: self._fetch(repo, str(digest), authorization))
+
+    async def _load(self, repo: str, digest: Digest, *, linked_only: bool = True) -> ManifestResult | None:
+        """Read a stored manifest, re-hashing it on every read (bit rot)."""
+        record = await self.metadata.get_object(digest)
+        if record is None or record.media_type is None:
+            return None
+        if linked_only and not await self.metadata.is_linked(repo, digest):
+            return None
+        raw = await self._io(self.store.read, digest, record.size)
+        if raw is None:
+            await self.metadata.forget_object(digest)
+            return None
+        if Digest.of(raw, digest.algorithm) != digest:
+            log.error("stored manifest %s is corrupt: quarantined", digest)
+            await self._io(self.store.quarantine, digest)
+            await self.metadata.forget_object(digest)
+            return None
+        self.metadata.touch(digest)
+        return ManifestResult(raw, record.media_type, digest)
+
+    async def _fetch(self, repo: str, reference: str, authorization: str | None) -> ManifestResult:
+        """GET from upstream, store, link; 404s remembered briefly."""
+        try:
+            fetched = await self.upstream.get_manifest(repo, reference, self.max_size, authorization)
+        except NOT_FOUND as exc:
+            key = ("manifest", repo, Digest.parse(reference)) if ":" in reference else ("tag", repo, reference)
+            self.negative.remember(key, exc)
+            raise
+        await self.put(repo, fetched.digest, fetched.raw, fetched.media_type)
+        return ManifestResult(fetched.raw, fetched.media_type, fetched.digest, cache="miss")
+
+    async def put(self, repo: str, digest: Digest, raw: bytes, media_type: str) -> None:
+        """Store a verified manifest and link it to `repo`."""
+        if await self.metadata.get_object(digest) is None or await self._io(self.store.size, digest) is None:
+            await self._io(self.store.put_bytes, digest, raw)
+        await self.metadata.put_object(digest, len(raw), media_type)
+        await self.metadata.link(repo, digest)
+
+    # -- by tag -------------------------------------------------------------
+
+    async def by_tag(self, repo: str, tag: str, authorization: str | None = None) -> ManifestResult:
+        """A manifest by tag, fresh within the TTL, revalidated after it."""
+        record = await self.metadata.get_tag(repo, tag)
+        if record is None:
+            self.negative.check(("tag", repo, tag))
+            result = await self._flight.run(("tag", repo, tag), lambda: self._fetch_tag(repo, tag, authorization))
+            return result
+        cache = "hit"
+        if time.time() - record.fetched_at >= self.tag_ttl:
+            record, cache = await self._revalidated(repo, tag, record, authorization)
+        result = await self._load(repo, record.digest)
+        if result is None:  # evicted or corrupt: refetch by the immutable digest
+            result = await self.by_digest(repo, record.digest, authorization)
+            cache = result.cache
+        return ManifestResult(result.raw, result.media_type, result.digest, cache=cache,
+                              fetched_at=record.fetched_at)
+
+    async def _fetch_tag(self, repo: str, tag: str, authorization: str | None) -> ManifestResult:
+        result = await self._fetch(repo, tag, authorization)
+        now = time.time()
+        await self.metadata.put_tag(repo, tag, TagRecord(result.digest, result.media_type, now))
+        return ManifestResult(result.raw, result.media_type, result.digest, cache="miss", fetched_at=now)
+
+    async def _revalidated(self, repo: str, tag: str, record: TagRecord,
+                           authorization: str | None) -> tuple[TagRecord, str]:
+        """The tag after one coalesced revalidation, or stale when allowed.
+
+        Returns:
+            The record to serve, and the cache outcome (`revalidated`/`stale`).
+        """
+        work = self._flight.run(("head", repo, tag), lambda: self._revalidate(repo, tag, record, authorization))
+        try:
+            return await asyncio.wait_for(work, STALE_WAIT), "revalidated"
+        except REVOKED:
+            await self.metadata.delete_tag(repo, tag)
+            raise
+        except (*TRANSIENT, TimeoutError) as exc:
+            if time.time() - record.fetched_at > self.tag_ttl + self.tag_max_stale:
+                raise
+            log.warning("serving stale tag %s:%s (%s)", repo, tag, getattr(exc, "code", "slow upstream"))
+            return record, "stale"
+
+    async def _revalidate(self, repo: str, tag: str, record: TagRecord,
+                          authorization: str | None) -> TagRecord:
+        head = await self.upstream.head_manifest(repo, tag, authorization)
+        if head.digest != record.digest:
+            fetched = await self.by_digest(repo, head.digest, authorization)
+            record = TagRecord(fetched.digest, fetched.media_type, time.time())
+        else:
+            record = TagRecord(record.digest, record.media_type, time.time())
+        await self.metadata.put_tag(repo, tag, record)
+        return record
+
+    async def set_tag(self, repo: str, tag: str, digest: Digest, media_type: str) -> None:
+        """Point a tag now (a push through this node, a notification)."""
+        await self.metadata.put_tag(repo, tag, TagRecord(digest, media_type, time.time()))
+        self.negative.forget(("tag", repo, tag))
+

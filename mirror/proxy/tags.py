@@ -1,0 +1,66 @@
+"""Tag lists: asked of upstream (whole, then paginated locally), cached as a fallback."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+from mirror.proxy.manifests import REVOKED, TRANSIENT
+from mirror.proxy.singleflight import SingleFlight
+from mirror.storage.metadata import Metadata
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class TagLists:
+    """`tags/list` for the read API: fresh within the tag TTL, else upstream."""
+
+    def __init__(self, metadata: Metadata, upstream: Upstream, tag_ttl: float) -> None:
+        self.metadata = metadata
+        self.upstream = upstream
+        self.tag_ttl = tag_ttl
+        self._flight: SingleFlight[list[str]] = SingleFlight()
+
+    async def list(self, repo: str, authorization: str | None = None) -> list[str]:
+        """Every tag of `repo`, sorted as distribution sorts them.
+
+        Raises:
+            NameUnknown: upstream does not know the repository.
+            RegistryError: upstream is down and nothing is cached.
+        """
+        cached = await self.metadata.get_tag_list(repo)
+        if cached is not None and time.time() - cached[1] < self.tag_ttl:
+            return cached[0]
+        try:
+            tags = await self._flight.run(repo, lambda: self._fetch(repo, authorization))
+        except TRANSIENT:
+            if cached is None:
+                raise
+            log.warning("serving cached tag list of %s: upstream unavailable", repo)
+            return cached[0]
+        except REVOKED:
+            raise
+        return tags
+
+    async def _fetch(self, repo: str, authorization: str | None) -> list[str]:
+        tags = sorted(set(await self.upstream.list_tags(repo, authorization)))
+        await self.metadata.put_tag_list(repo, tags)
+        return tags
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """Distribution's `n`/`last` pagination over a sorted list.
+
+    Returns:
+        The page, and whether more entries follow (a `Link` is due).
+    """
+    start = 0
+    if last:
+        start = bisect.bisect_right(items, last)
+    if n is None:
+        return items[start:], False
+    page = items[start:start + n]
+    return page, start + n < len(items)
+

@@ -1,0 +1,1 @@
+"""Domain values of the registry protocol: digests, references, media types, manifests."""

@@ -1,0 +1,1 @@
+"""Local storage: content-addressed objects on disk, metadata in SQLite."""

@@ -1,0 +1,306 @@
+"""The content-addressed object store: verified, atomic, shareable.
+
+Blobs and manifests alike are stored once, by digest. Objects are immutable:
+they are written to a uniquely named temp file, hashed and counted while they
+are written, fsynced, and only then renamed into place (and the directory
+fsynced), so a reader never sees a partial or unverified object, and several
+processes (or hosts on a shared NFS export) can fill one store at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mirror.registry.digest import Digest
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+_LAYOUT_FILE = "mirror-store.json"
+
+
+class DigestMismatch(Exception):
+    """The bytes written do not match the digest or size they claimed."""
+
+
+class StoreLayoutError(Exception):
+    """The store directory was written by an incompatible layout version."""
+
+
+def path_for(root: Path, kind: str, digest: Digest | None = None, name: str = "") -> Path:
+    """Build every path of the store; the only code that knows the layout.
+
+    Layout version 1::
+
+        <root>/
+          mirror-store.json                 {"layout": 1}
+          objects/<alg>/<hex[0:2]>/<hex>    one verified object per digest
+          tmp/<owner>.lock                  held (flock) by each live process
+          tmp/<owner>-<random>.part         an object being written
+          quarantine/<alg>-<hex>.<time>     objects that failed `verify`
+
+    Digests reaching here were validated by :class:`Digest`, so no path is
+    ever built from an unvalidated client string.
+    """
+    if kind == "object":
+        assert digest is not None
+        return root / "objects" / digest.algorithm / digest.hex[:2] / digest.hex
+    if kind == "quarantine":
+        assert digest is not None
+        return root / "quarantine" / f"{digest.algorithm}-{digest.hex}.{int(time.time())}"
+    if kind == "tmp":
+        return root / "tmp" / name
+    if kind == "layout":
+        return root / _LAYOUT_FILE
+    raise ValueError(kind)
+
+
+class BlobWriter:
+    """Writes one object to a temp file, verifying as it goes (blocking I/O).
+
+    Call :meth:`write` per chunk, then :meth:`commit` (verify, fsync, rename)
+    or :meth:`abort`. Use from a worker thread, never on the event loop.
+    """
+
+    def __init__(self, store: BlobStore, digest: Digest, expected_size: int | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = expected_size
+        self.temp_path = store.new_temp_path()
+        self._hasher = digest.hasher()
+        # Unbuffered: readers of the growing temp file use their own fds.
+        self._file = open(self.temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+        self.written = 0
+
+    def write(self, chunk: bytes) -> int:
+        """Append and hash a chunk; returns the total written so far."""
+        if self.expected_size is not None and self.written + len(chunk) > self.expected_size:
+            raise DigestMismatch(f"{self.digest}: more bytes than the announced {self.expected_size}")
+        view = memoryview(chunk)
+        while view:
+            view = view[self._file.write(view) :]
+        self._hasher.update(chunk)
+        self.written += len(chunk)
+        return self.written
+
+    def commit(self) -> Path:
+        """Verify size and digest, fsync and publish by rename.
+
+        Raises:
+            DigestMismatch: the content is not what the digest names; the
+                temp file is removed and nothing is published.
+        """
+        try:
+            if self.expected_size is not None and self.written != self.expected_size:
+                raise DigestMismatch(f"{self.digest}: {self.written} bytes, expected {self.expected_size}")
+            if self._hasher.hexdigest() != self.digest.hex:
+                raise DigestMismatch(f"{self.digest}: content has another digest")
+            os.fsync(self._file.fileno())
+            self._file.close()
+            return self.store.publish(self.temp_path, self.digest)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the temp file; safe to call twice."""
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+class BlobStore:
+    """Objects by digest under one root directory (blocking I/O methods).
+
+    Args:
+        root: the store directory (`storage.filesystem.rootdirectory`).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._lock_fd: int | None = None
+
+    def open(self) -> None:
+        """Create or check the layout, take this process's owner lock, sweep."""
+        for sub in ("objects", "tmp", "quarantine"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._check_layout()
+        lock_path = path_for(self.root, "tmp", name=f"{self.owner}.lock")
+        self._lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.sweep_temp()
+
+    def close(self) -> None:
+        """Release the owner lock and remove its lock file."""
+        if self._lock_fd is not None:
+            os.unlink(path_for(self.root, "tmp", name=f"{self.owner}.lock"))
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_layout(self) -> None:
+        layout = path_for(self.root, "layout")
+        if not layout.exists():
+            self._atomic_write(layout, json.dumps({"layout": LAYOUT_VERSION}).encode())
+            return
+        version = json.loads(layout.read_text()).get("layout")
+        if version != LAYOUT_VERSION:
+            raise StoreLayoutError(f"{layout}: layout {version}, this mirror reads {LAYOUT_VERSION}")
+
+    def sweep_temp(self) -> int:
+        """Remove temp files of processes that are gone (their lock is free).
+
+        A live process holds an exclusive flock on its `<owner>.lock`, so its
+        in-progress temp files are left alone; this is what makes a sweep at
+        start safe with several processes on one store.
+        """
+        removed = 0
+        tmp = self.root / "tmp"
+        live = {self.owner} | {p.stem for p in tmp.glob("*.lock") if self._is_locked(p)}
+        for entry in tmp.iterdir():
+            owner = entry.name.rsplit("-", 1)[0] if entry.suffix == ".part" else entry.stem
+            if owner in live:
+                continue
+            entry.unlink(missing_ok=True)
+            removed += entry.suffix == ".part"
+        if removed:
+            log.info("swept %d leftover temp files", removed)
+        return removed
+
+    @staticmethod
+    def _is_locked(lock_path: Path) -> bool:
+        try:
+            fd = os.open(lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def new_temp_path(self) -> Path:
+        """A temp name no other process or fetch can pick."""
+        return path_for(self.root, "tmp", name=f"{self.owner}-{secrets.token_hex(8)}.part")
+
+    def writer(self, digest: Digest, expected_size: int | None = None) -> BlobWriter:
+        """Start writing one object (blocking: call from a worker thread)."""
+        return BlobWriter(self, digest, expected_size)
+
+    def publish(self, temp_path: Path, digest: Digest) -> Path:
+        """Rename a verified temp file into place and fsync the directory."""
+        final = path_for(self.root, "object", digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp_path, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def put_bytes(self, digest: Digest, data: bytes) -> Path:
+        """Store small verified content (manifests) in one call."""
+        writer = self.writer(digest, len(data))
+        writer.write(data)
+        return writer.commit()
+
+    def path(self, digest: Digest) -> Path:
+        """Where the object for `digest` lives (it may not exist)."""
+        return path_for(self.root, "object", digest)
+
+    def size(self, digest: Digest) -> int | None:
+        """The stored object's size, or None when absent."""
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def open_object(self, digest: Digest, expected_size: int | None) -> tuple[int, int] | None:
+        """Open an object for reading, checking its size on every open.
+
+        Returns:
+            (fd, size), or None when absent. An object whose size differs from
+            what was recorded is quarantined and reported absent.
+        """
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        size = os.fstat(fd).st_size
+        if expected_size is not None and size != expected_size:
+            os.close(fd)
+            log.error("object %s has %d bytes, recorded %d: quarantined", digest, size, expected_size)
+            self.quarantine(digest)
+            return None
+        return fd, size
+
+    def read(self, digest: Digest, expected_size: int | None = None) -> bytes | None:
+        """Read a small object whole (manifests), or None when absent."""
+        opened = self.open_object(digest, expected_size)
+        if opened is None:
+            return None
+        fd, size = opened
+        try:
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
+    def quarantine(self, digest: Digest) -> bool:
+        """Move an object aside so it is never served again (and refetched)."""
+        try:
+            os.replace(self.path(digest), path_for(self.root, "quarantine", digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, digest: Digest) -> int:
+        """Remove an object; returns the bytes freed (0 when absent)."""
+        path = self.path(digest)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def iter_objects(self) -> Iterator[tuple[Digest, int]]:
+        """Every stored object with its size (for verify, repair and du)."""
+        objects = self.root / "objects"
+        for algorithm_dir in sorted(objects.iterdir()):
+            for prefix_dir in sorted(algorithm_dir.iterdir()):
+                for entry in prefix_dir.iterdir():
+                    try:
+                        digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
+                    except Exception:  # noqa: BLE001 - a stray file is not an object
+                        continue
+                    yield digest, entry.stat().st_size
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        temp = path.with_name(f".{path.name}.{self.owner}.tmp")
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry itself is fsynced."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network filesystems refuse directory fsync
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
