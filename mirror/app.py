@@ -31,5 +31,5 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
     app.cleanup_ctx.append(node_context)
     app.on_response_prepare.append(middleware.add_api_version)
     app.router.add_route("*", "/v2", middleware.dispatch)
-    app.router.add_route("*", "/v2/{tail:.*}", middleware.dispatch)
+    app.router.add_route("*", r"/v2/{tail:[\s\S]*}", middleware.dispatch)
     return app

@@ -20,6 +20,10 @@ from mirror.registry.mediatypes import parse_accept
 from mirror.registry.reference import RepositoryName, Tag, parse_reference
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
+#: How the request was answered: hit, miss, coalesced, revalidated, stale (access log, metrics).
+CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
+#: A client's token to pass upstream, set by the auth layer when it applies.
+UPSTREAM_AUTHORIZATION: web.RequestKey[str] = web.RequestKey("upstream_authorization", str)
 MAX_PAGE = 10_000
 BLOB_CACHE_CONTROL = "max-age=31536000"
 
@@ -30,8 +34,7 @@ def _node(request: web.Request) -> Node:
 
 def _authorization(request: web.Request) -> str | None:
     """A client token to pass upstream; set by the auth layer when it applies."""
-    value = request.get("upstream_authorization")
-    return value if isinstance(value, str) else None
+    return request.get(UPSTREAM_AUTHORIZATION)
 
 
 async def base(request: web.Request) -> web.Response:
@@ -83,7 +86,7 @@ async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamRe
     reference = parse_reference(params["reference"])
     accepted = parse_accept(request.headers.getall("Accept", []))
     result = await _node(request).manifests.get(repo, reference, accepted, _authorization(request))
-    request["cache"] = result.cache
+    request[CACHE_OUTCOME] = result.cache
     headers = {
         "Content-Type": result.media_type,
         "Docker-Content-Digest": str(result.digest),
@@ -108,13 +111,13 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
     node = _node(request)
     if request.method == "HEAD":
         source = await node.blobs.stat(repo, digest, _authorization(request))
-        request["cache"] = source.cache
+        request[CACHE_OUTCOME] = source.cache
         response = web.StreamResponse(headers=_blob_headers(digest))
         if source.size is not None:
             response.content_length = source.size
         return response
     source = await node.blobs.open(repo, digest, _authorization(request))
-    request["cache"] = source.cache
+    request[CACHE_OUTCOME] = source.cache
     if source.fetch is not None and "Range" in request.headers:
         source = await _after_commit(node, repo, source)
     if source.fd is not None:

@@ -46,7 +46,7 @@ async def add_api_version(request: web.Request, response: web.StreamResponse) ->
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Route a `/v2/...` request by parsing the path from the right."""
-    route = routes.match(request.path)
+    route = routes.match(request.rel_url.raw_path)
     if request.method not in routes.READ_METHODS[route.name]:
         raise errors.Unsupported(headers={"Allow": ", ".join(sorted(routes.READ_METHODS[route.name]))})
     if route.name == "base":

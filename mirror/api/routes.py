@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from mirror import errors
 
@@ -37,7 +38,10 @@ class Route:
 
 
 def match(path: str) -> Route:
-    """Match a request path that starts with `/v2/`.
+    """Match a raw (still percent-encoded) request path that starts with `/v2/`.
+
+    Matching the raw path keeps an encoded `%2F` inside one parameter; each
+    parameter is decoded only after the route is known, and validated later.
 
     Raises:
         RegistryError: no v2 route has this shape (404).
@@ -49,5 +53,5 @@ def match(path: str) -> Route:
         for name, pattern in _ROUTES:
             found = pattern.fullmatch(tail)
             if found is not None:
-                return Route(name, found.groupdict())
+                return Route(name, {k: unquote(v, errors="replace") for k, v in found.groupdict().items()})
     raise errors.NameUnknown("no such registry route", status=404)
