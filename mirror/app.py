@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 from aiohttp import web
 
+from mirror import errors
 from mirror.api import handlers, middleware
+from mirror.auth.controller import TOKEN_PATH, install_reload
+from mirror.auth.relay import TokenRelay
 from mirror.config import Settings
 from mirror.node import close_node, open_node
+
+TOKEN_RELAY: web.AppKey[TokenRelay] = web.AppKey("token_relay", TokenRelay)
 
 MAX_HEADER_SIZE = 16 * 1024
 
@@ -25,11 +31,25 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
     async def node_context(app: web.Application) -> AsyncIterator[None]:
         node = await open_node(settings, transport)
         app[handlers.NODE] = node
-        yield
+        install_reload(node.access)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False) as token_client:
+            if settings.auth.token is not None and settings.mirror.auth.token_proxy:
+                relay = TokenRelay(settings.auth.token.realm, token_client)
+                app[TOKEN_RELAY] = relay
+            yield
         await close_node(node)
 
     app.cleanup_ctx.append(node_context)
     app.on_response_prepare.append(middleware.add_api_version)
+    app.router.add_route("*", TOKEN_PATH, _token)
     app.router.add_route("*", "/v2", middleware.dispatch)
     app.router.add_route("*", r"/v2/{tail:[\s\S]*}", middleware.dispatch)
     return app
+
+
+async def _token(request: web.Request) -> web.StreamResponse:
+    """`/token`: the token relay when enabled, else not a route of this node."""
+    relay = request.app.get(TOKEN_RELAY)
+    if relay is None:
+        raise errors.NameUnknown("no such route", status=404)
+    return await relay.handle(request)

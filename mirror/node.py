@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from mirror.auth.controller import AccessController, build_access
 from mirror.config import Settings
 from mirror.proxy.blobs import Blobs
 from mirror.proxy.fetcher import Fetcher
@@ -35,6 +36,7 @@ class Node:
     blobs: Blobs
     manifests: Manifests
     tags: TagLists
+    access: AccessController
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -61,7 +63,8 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     manifests = Manifests(store, metadata, upstream, executor, negative, tag_ttl=mirror.tag_ttl,
                           tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
     tags = TagLists(metadata, upstream, mirror.tag_ttl)
-    return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags)
+    access = build_access(settings, upstream)
+    return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags, access)
 
 
 async def close_node(node: Node) -> None:

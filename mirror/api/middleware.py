@@ -9,6 +9,8 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.api import handlers, routes
+from mirror.auth.controller import required_access
+from mirror.registry.reference import RepositoryName
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     route = routes.match(request.rel_url.raw_path)
     if request.method not in routes.READ_METHODS[route.name]:
         raise errors.Unsupported(headers={"Allow": ", ".join(sorted(routes.READ_METHODS[route.name]))})
+    if "name" in route.params:
+        RepositoryName.parse(route.params["name"])  # a bad name is 400 for everyone, before auth
+    node = request.app[handlers.NODE]
+    credential = await node.access.authorize(request, required_access(route, request.method))
+    if credential is not None:
+        request[handlers.UPSTREAM_AUTHORIZATION] = credential
     if route.name == "base":
         return await handlers.base(request)
     _check_namespace(request)

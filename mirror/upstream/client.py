@@ -25,7 +25,7 @@ from mirror import errors
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import UPSTREAM_ACCEPT
-from mirror.upstream.auth import RegistryAuth
+from mirror.upstream.auth import Challenge, RegistryAuth
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +92,8 @@ class Upstream:
             keepalive_expiry=getattr(settings, "keepalive_expiry", 60.0),
         )
         self.auth = RegistryAuth(username, password, self.host)
+        self._challenge: Challenge | None = None
+        self._challenge_known = False
         self._client = httpx.AsyncClient(
             timeout=timeout, limits=limits, auth=self.auth, follow_redirects=True,
             transport=transport, headers={"User-Agent": "mirror/0.1"}, trust_env=False,
@@ -112,6 +114,36 @@ class Upstream:
         except httpx.HTTPError:
             return False
         return response.status_code < 500
+
+    async def challenge(self) -> Challenge | None:
+        """Upstream's own `WWW-Authenticate` challenge on `/v2/` (None: no auth).
+
+        Learned once and kept: forward-mode auth relays it to clients, and its
+        `service` tells whether upstream trusts the same tokens as this node.
+
+        Raises:
+            Unavailable: upstream was never reached, so it is not known yet.
+        """
+        if not self._challenge_known:
+            async with _mapped():
+                response = await self._client.get(f"{self.base_url}/v2/", auth=None)
+            if response.status_code == 401:
+                self._challenge = Challenge.parse(response.headers.get("www-authenticate", ""))
+            elif response.status_code >= 500:
+                raise errors.Unavailable(f"upstream answered {response.status_code}")
+            self._challenge_known = True
+        return self._challenge
+
+    async def probe(self, path_qs: str, authorization: str | None) -> int:
+        """HEAD `path_qs` upstream with a client's credential; the status code.
+
+        Raises:
+            RegistryError: UNAVAILABLE when upstream cannot be reached.
+        """
+        async with _mapped():
+            response = await self._client.head(f"{self.base_url}{path_qs}", auth=None,
+                                               headers=_headers(authorization, Accept=UPSTREAM_ACCEPT))
+        return response.status_code
 
     async def get_manifest(self, repo: str, reference: str, max_size: int,
                            authorization: str | None = None) -> UpstreamManifest:

@@ -1,0 +1,697 @@
+"""Orchestration: one upstream, three ways to reach it, six figures side by side.
+
+Topology (everything on 127.0.0.1)::
+
+    upstream  = distribution 2.8 (plain registry), synthetic content pushed into it
+    relay_m   = counting/shaping relay -> upstream      mirror's proxy.remoteurl
+    relay_d   = counting/shaping relay -> upstream      distribution proxy's remoteurl
+    relay_x   = counting/shaping relay -> upstream      "direct" client path
+    mirror    = `python -m mirror serve CFG`            (subprocess)
+    distproxy = `docker-registry serve CFG` in proxy mode (subprocess)
+
+Relays run as threads of this process; every client workload runs in spawned child
+processes (bench.load), so the load generator never shares a GIL with the relays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import MANIFEST_ACCEPT, cpu_seconds, job_cold_blob, job_load, job_pull, run_jobs
+from tests.support.images import push_image
+from tests.support.procs import ManagedProcess, free_port, wait_http
+from tests.support.registry import Registry
+from tests.support.relay import Relay
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+SPAWN_LEAD = 1.0  # seconds between starting job processes and their synchronized start
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass
+class Params:
+    quick: bool
+    blob_size: int  # figures 1, 2, 5
+    clients: int = 16  # figure 1, 2
+    layers: int = 8  # figure 3
+    layer_size: int = 4 * MiB
+    pull_parallel: int = 3
+    pull_repeats: int = 3  # loopback cold pulls (median); shaped: 1
+    load_conns: int = 32  # figure 4
+    load_procs: int = 2
+    warmup: float = 1.0
+    duration: float = 5.0
+    blob_conns: int = 8  # figure 5
+    big_size: int = 2 << 30  # figure 6
+    big_clients: int = 4
+    rate: float = 25e6  # 200 Mbit/s
+    latency: float = 0.020
+    tag_ttl: str = "300s"
+
+    @classmethod
+    def make(cls, quick: bool) -> Params:
+        if quick:
+            return cls(quick=True, blob_size=16 * MiB, layer_size=1 * MiB, pull_repeats=1,
+                       warmup=0.5, duration=2.0, big_size=256 * MiB)
+        return cls(quick=False, blob_size=64 * MiB)
+
+
+# --------------------------------------------------------------------------- helpers
+
+_T0 = time.monotonic()
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / MiB:.0f} MiB" if n < (1 << 30) else f"{n / (1 << 30):.0f} GiB"
+
+
+def proc_status(pid: int, key: str) -> int | None:
+    """A ``kB`` field of /proc/<pid>/status, in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class RssMonitor:
+    """Polls VmRSS of a pid every ``interval`` seconds in a thread; keeps the max."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            rss = proc_status(self.pid, "VmRSS")
+            if rss is not None:
+                self.peak = max(self.peak, rss)
+                self.samples += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def window_records(relay: Relay, t0: float, t1: float) -> list[Any]:
+    return [r for r in relay.records if t0 <= r.started_at < t1]
+
+
+def by_method(relay: Relay, path_contains: str | None = None) -> Counter[str]:
+    return Counter(r.method for r in relay.records
+                   if path_contains is None or path_contains in r.path_qs)
+
+
+def methods_str(c: Counter[str]) -> str:
+    return ", ".join(f"{m} {n}" for m, n in sorted(c.items())) or "none"
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class MirrorServer:
+    """`python -m mirror serve CFG` with a config written into its own directory."""
+
+    name = "mirror"
+
+    def __init__(self, parent: Path, relay: Relay, tag_ttl: str) -> None:
+        self.relay = relay
+        self.dir = Path(tempfile.mkdtemp(prefix="mirror-", dir=parent))
+        self.port = free_port()
+        self.config = {
+            "version": 0.1,
+            "log": {"level": "warn", "formatter": "text"},
+            "storage": {"filesystem": {"rootdirectory": str(self.dir / "storage")}},
+            "http": {"addr": f"127.0.0.1:{self.port}"},
+            "proxy": {"remoteurl": relay.url},
+            "mirror": {"tag_ttl": tag_ttl},
+        }
+        self.config_path = self.dir / "config.yml"
+        self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        self.process = ManagedProcess(
+            [sys.executable, "-m", "mirror", "serve", str(self.config_path)],
+            env=env, inherit_env=False, cwd=ROOT, log_dir=self.dir, name="mirror")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def start(self) -> MirrorServer:
+        self.process.start()
+        wait_http(f"{self.url}/v2/", timeout=30, process=self.process)
+        return self
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.process.log_text()
+
+    def close(self) -> None:
+        self.process.stop()
+
+
+class DistProxy:
+    """distribution 2.8 in proxy mode (tests.support.registry.Registry)."""
+
+    name = "distribution proxy"
+
+    def __init__(self, parent: Path, relay: Relay) -> None:
+        self.relay = relay
+        self.reg = Registry(parent, proxy_remoteurl=relay.url, log_level="warn",
+                            access_log=False, name="distproxy")
+
+    @property
+    def url(self) -> str:
+        return self.reg.url
+
+    @property
+    def pid(self) -> int:
+        assert self.reg.process.pid is not None
+        return self.reg.process.pid
+
+    def start(self) -> DistProxy:
+        self.reg.start()
+        return self
+
+    def restart(self) -> None:
+        self.reg.restart()
+
+    def log_text(self) -> str:
+        return self.reg.process.log_text()
+
+    def close(self) -> None:
+        self.reg.close()
+
+
+# --------------------------------------------------------------------------- content
+
+
+def chunk_for(seed_block: bytes, i: int) -> bytes:
+    return struct.pack(">Q", i) + seed_block[8:]
+
+
+async def push_streamed_blob(client: httpx.AsyncClient, base: str, repo: str, size: int,
+                             seed: str) -> str:
+    """Push ``size`` pseudo-random bytes without holding them: one streamed (chunked
+    transfer-encoding) PATCH, hashing on the fly, then ``PUT ?digest=``."""
+    block = random.Random(seed).randbytes(MiB)
+    hasher = hashlib.sha256()
+
+    async def body():  # type: ignore[no-untyped-def]
+        sent, i = 0, 0
+        while sent < size:
+            chunk = chunk_for(block, i)[: size - sent]
+            hasher.update(chunk)
+            sent += len(chunk)
+            i += 1
+            yield chunk
+
+    r = await client.post(f"{base}/v2/{repo}/blobs/uploads/")
+    if r.status_code != 202:
+        raise RuntimeError(f"start upload: {r.status_code} {r.text[:200]}")
+    loc = r.url.join(r.headers["Location"])
+    r = await client.patch(loc, content=body(), headers={"Content-Type": "application/octet-stream"})
+    if r.status_code != 202:
+        raise RuntimeError(f"streamed PATCH: {r.status_code} {r.text[:200]}")
+    loc = r.url.join(r.headers["Location"])
+    digest = "sha256:" + hasher.hexdigest()
+    r = await client.put(loc.copy_merge_params({"digest": digest}))
+    if r.status_code != 201:
+        raise RuntimeError(f"PUT ?digest=: {r.status_code} {r.text[:200]}")
+    return digest
+
+
+@dataclass
+class Content:
+    blob1: str = ""  # figure 1 (+5)
+    blob2: str = ""  # figure 2
+    big: str = ""  # figure 6
+    loop_images: list[tuple[str, str, str]] = field(default_factory=list)  # (repo, tag, digest)
+    shaped_image: tuple[str, str, str] = ("", "", "")
+
+
+BLOB_REPO = "bench/blobs"
+
+
+async def push_content(base: str, p: Params) -> Content:
+    c = Content()
+    nonce = f"{time.time_ns()}"  # fresh digests every run (nothing is cached anywhere anyway)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), trust_env=False) as client:
+        c.blob1 = await push_streamed_blob(client, base, BLOB_REPO, p.blob_size, f"b1-{nonce}")
+        c.blob2 = await push_streamed_blob(client, base, BLOB_REPO, p.blob_size, f"b2-{nonce}")
+        for i in range(p.pull_repeats):
+            repo = f"bench/img-loop-{i}"
+            im = await push_image(client, base, repo, "v1", layers=[p.layer_size] * p.layers,
+                                  seed=f"loop-{i}-{nonce}")
+            c.loop_images.append((repo, "v1", im.digest))
+        im = await push_image(client, base, "bench/img-shaped", "v1",
+                              layers=[p.layer_size] * p.layers, seed=f"shaped-{nonce}")
+        c.shaped_image = ("bench/img-shaped", "v1", im.digest)
+        progress(f"pushing the {fmt_size(p.big_size)} blob (streamed)")
+        c.big = await push_streamed_blob(client, base, BLOB_REPO, p.big_size, f"big-{nonce}")
+    return c
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    figure: str
+    dist: str = "-"
+    mirror: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    met: bool | None = None
+
+
+class Bench:
+    def __init__(self, p: Params, stack: ExitStack) -> None:
+        self.p = p
+        self.stack = stack
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
+        stack.callback(shutil.rmtree, self.tmp, True)
+
+    # -- setup
+    def setup(self) -> None:
+        p = self.p
+        progress(f"starting upstream (distribution) in {self.tmp}")
+        self.upstream = Registry(self.tmp, log_level="warn", access_log=False, name="upstream")
+        self.stack.callback(self.upstream.close)
+        self.upstream.start()
+        self.relay_m = self._relay()
+        self.relay_d = self._relay()
+        self.relay_x = self._relay()
+        progress("starting mirror and distribution proxy")
+        self.mirror = MirrorServer(self.tmp, self.relay_m, p.tag_ttl)
+        self.stack.callback(self.mirror.close)
+        self.mirror.start()
+        self.dist = DistProxy(self.tmp, self.relay_d)
+        self.stack.callback(self.dist.close)
+        self.dist.start()
+        self.servers: list[MirrorServer | DistProxy] = [self.mirror, self.dist]
+        progress(f"pushing synthetic content to upstream {self.upstream.url}")
+        self.c = asyncio.run(push_content(self.upstream.url, p))
+        for r in (self.relay_m, self.relay_d, self.relay_x):
+            r.reset()
+        progress("setup done")
+
+    def _relay(self) -> Relay:
+        relay = Relay(self.upstream.url)
+        relay.start()
+        self.stack.callback(relay.stop)
+        return relay
+
+    def shape(self, on: bool) -> None:
+        for r in (self.relay_m, self.relay_d, self.relay_x):
+            r.rate = self.p.rate if on else None
+            r.latency = self.p.latency if on else 0.0
+
+    def reset_relays(self) -> None:
+        for r in (self.relay_m, self.relay_d, self.relay_x):
+            r.wait_idle(timeout=120)
+            r.reset()
+
+    def run_figure(self, name: str, fn: Callable[[], None], n_rows: int = 1) -> None:
+        t = time.monotonic()
+        progress(f"== {name}")
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one broken figure must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            self.rows.append(Row(f"{name}", ratio=f"ERROR: {exc!r}"[:300]))
+        finally:
+            self.shape(False)
+        progress(f"   {name} took {time.monotonic() - t:.1f}s")
+
+    # -- figure 1 & 2
+    def _cold_blob(self, base: str, digest: str, clients: int, verify: int,
+                   timeout: float) -> dict[str, Any]:
+        path = f"/v2/{BLOB_REPO}/blobs/{digest}"
+        start = time.monotonic() + SPAWN_LEAD
+        [res] = run_jobs([(job_cold_blob, (base, path, clients, digest, self.p.blob_size),
+                           {"verify": verify, "start_at": start})], timeout=timeout)
+        if not res["ok"]:
+            raise RuntimeError(f"cold blob via {base}: {res['errors'][:3]}")
+        return res
+
+    def fig1(self) -> None:
+        p = self.p
+        self.reset_relays()
+        out: dict[str, tuple[float, Counter[str], int]] = {}
+        for srv in self.servers:
+            progress(f"   {srv.name}: {p.clients} cold clients, {fmt_size(p.blob_size)} blob")
+            res = self._cold_blob(srv.url, self.c.blob1, p.clients, verify=2, timeout=300)
+            srv.relay.wait_idle(timeout=120)
+            sent = srv.relay.bytes_sent("/blobs/")
+            out[srv.name] = (sent / p.blob_size, by_method(srv.relay, "/blobs/"),
+                             len(srv.relay.records))
+            progress(f"   {srv.name}: {res['wall']:.2f}s, upstream {sent / MiB:.0f} MiB")
+        d, m = out[self.dist.name], out[self.mirror.name]
+        self.rows.append(Row(
+            f"1. upstream bytes / blob size, {p.clients} concurrent cold clients, "
+            f"{fmt_size(p.blob_size)} blob (loopback)",
+            dist=f"{d[0]:.2f} (blob reqs: {methods_str(d[1])})",
+            mirror=f"{m[0]:.2f} (blob reqs: {methods_str(m[1])})",
+            ratio=f"mirror/dist {m[0] / d[0]:.2f}" if d[0] else "-",
+            target="1.00", met=abs(m[0] - 1.0) < 0.005))
+
+    def fig2(self) -> None:
+        p = self.p
+        self.reset_relays()
+        self.shape(True)
+        one_s = p.blob_size / p.rate
+        progress(f"   reference: one direct GET over the shaped link (~{one_s:.1f}s)")
+        ref = self._cold_blob(self.relay_x.url, self.c.blob2, 1, verify=1, timeout=one_s * 5 + 60)
+        t_ref = ref["wall"]
+        walls: dict[str, float] = {}
+        ups: dict[str, float] = {}
+        for srv in (self.mirror, self.dist):
+            progress(f"   {srv.name}: {p.clients} cold clients over the shaped link")
+            # distribution fetches once per client (+1): allow for it
+            res = self._cold_blob(srv.url, self.c.blob2, p.clients, verify=2,
+                                  timeout=one_s * (p.clients + 2) * 2 + 120)
+            walls[srv.name] = res["wall"]
+            srv.relay.wait_idle(timeout=one_s * 4 + 60)
+            ups[srv.name] = srv.relay.bytes_sent("/blobs/") / p.blob_size
+            progress(f"   {srv.name}: {res['wall']:.2f}s ({ups[srv.name]:.2f}x blob upstream)")
+        d, m = walls[self.dist.name], walls[self.mirror.name]
+        link = f"{p.rate * 8 / 1e6:.0f} Mbit/s + {p.latency * 1000:.0f} ms"
+        self.rows.append(Row(
+            f"2. same, over {link}: wall time until all {p.clients} have the whole blob",
+            dist=f"{d:.2f} s ({d / t_ref:.2f}x one blob; {ups[self.dist.name]:.1f}x bytes)",
+            mirror=f"{m:.2f} s ({m / t_ref:.2f}x one blob; {ups[self.mirror.name]:.1f}x bytes)",
+            ratio=f"mirror/dist {m / d:.3f}",
+            target=f"<= 1.3x one blob ({1.3 * t_ref:.2f} s)", met=m <= 1.3 * t_ref))
+        self.rows.append(Row(f"2'. one {fmt_size(p.blob_size)} blob over that link (direct GET, reference)",
+                             dist=f"{t_ref:.2f} s", mirror=f"{t_ref:.2f} s",
+                             ratio=f"ideal {one_s:.2f} s"))
+
+    # -- figure 3
+    def _pull(self, base: str, image: tuple[str, str, str], timeout: float) -> dict[str, Any]:
+        repo, tag, _ = image
+        start = time.monotonic() + SPAWN_LEAD
+        [res] = run_jobs([(job_pull, (base, repo, tag), {"parallel": self.p.pull_parallel,
+                                                         "verify": True, "start_at": start})],
+                         timeout=timeout)
+        if not res["ok"]:
+            raise RuntimeError(f"pull via {base}: {res['errors'][:3]}")
+        return res
+
+    def fig3(self) -> None:
+        p = self.p
+        size = p.layers * p.layer_size
+        img_desc = f"{p.layers}x{fmt_size(p.layer_size)} image, {p.pull_parallel} blobs at a time"
+        for shaped in (False, True):
+            self.reset_relays()
+            self.shape(shaped)
+            images = [self.c.shaped_image] if shaped else self.c.loop_images
+            times: dict[str, list[float]] = {"direct": [], self.mirror.name: [], self.dist.name: []}
+            tmo = size / p.rate * 6 + 120
+            for image in images:
+                for label, base in (("direct", self.relay_x.url), (self.mirror.name, self.mirror.url),
+                                    (self.dist.name, self.dist.url)):
+                    res = self._pull(base, image, tmo)
+                    times[label].append(res["wall"])
+                    progress(f"   {'shaped' if shaped else 'loopback'} cold pull {image[0]} "
+                             f"{label}: {res['wall']:.3f}s")
+            for r in (self.relay_m, self.relay_d):
+                r.wait_idle(timeout=tmo)
+            up = {self.mirror.name: self.relay_m.bytes_sent("/blobs/") / (size * len(images)),
+                  self.dist.name: self.relay_d.bytes_sent("/blobs/") / (size * len(images))}
+            med = {k: statistics.median(v) for k, v in times.items()}
+            t_dir, t_m, t_d = med["direct"], med[self.mirror.name], med[self.dist.name]
+            where = (f"{p.rate * 8 / 1e6:.0f} Mbit/s + {p.latency * 1000:.0f} ms" if shaped
+                     else "loopback")
+            n = f", median of {len(images)}" if len(images) > 1 else ""
+            self.rows.append(Row(
+                f"3{'b' if shaped else 'a'}. cold pull, {img_desc}, {where}{n} "
+                f"(direct: {t_dir:.3f} s)",
+                dist=f"{t_d:.3f} s ({t_d / t_dir:.2f}x direct; {up[self.dist.name]:.1f}x bytes)",
+                mirror=f"{t_m:.3f} s ({t_m / t_dir:.2f}x direct; {up[self.mirror.name]:.1f}x bytes)",
+                ratio=f"mirror/direct {t_m / t_dir:.2f}",
+                target="<= 1.15x direct", met=t_m <= 1.15 * t_dir))
+
+    # -- figures 4 & 5
+    def _load(self, srv: MirrorServer | DistProxy, path: str, headers: list[tuple[str, str]],
+              conns: int, procs: int, expect_size: int | None) -> dict[str, Any]:
+        p = self.p
+        procs = max(1, min(procs, conns))
+        per = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
+        start = time.monotonic() + SPAWN_LEAD
+        t0, t1 = start + p.warmup, start + p.warmup + p.duration
+        meas: dict[str, float] = {}
+
+        def measure() -> None:
+            time.sleep(max(0.0, t0 - time.monotonic()))
+            meas["cpu0"] = cpu_seconds(srv.pid)
+            meas["m0"] = time.monotonic()
+            time.sleep(max(0.0, t1 - time.monotonic()))
+            meas["cpu1"] = cpu_seconds(srv.pid)
+            meas["m1"] = time.monotonic()
+
+        results = run_jobs(
+            [(job_load, (srv.url, path, headers, n, start, p.warmup, p.duration),
+              {"expect_size": expect_size}) for n in per],
+            timeout=SPAWN_LEAD + p.warmup + p.duration + 60, on_started=measure)
+        srv.relay.wait_idle(timeout=60)
+        upstream = window_records(srv.relay, t0, t1)
+        span = p.duration
+        errors: Counter[str] = Counter()
+        for r in results:
+            errors.update(r["errors"])
+        return {
+            "rps": sum(r["requests"] for r in results) / span,
+            "bps": sum(r["bytes"] for r in results) / span,
+            "upstream": len(upstream),
+            "upstream_methods": Counter(r.method for r in upstream),
+            "client_cpu": sum(r["cpu"] for r in results) / span,
+            "server_cpu": (meas["cpu1"] - meas["cpu0"]) / (meas["m1"] - meas["m0"]),
+            "errors": dict(errors),
+            "procs": procs,
+        }
+
+    def fig4(self) -> None:
+        p = self.p
+        repo, tag, digest = self.c.loop_images[0]
+        self.reset_relays()
+        res: dict[tuple[str, str], dict[str, Any]] = {}
+        for mode, ref in (("tag", tag), ("digest", digest)):
+            for srv in self.servers:
+                path = f"/v2/{repo}/manifests/{ref}"
+                r = self._load(srv, path, [("Accept", MANIFEST_ACCEPT)], p.load_conns,
+                               p.load_procs, None)
+                res[(mode, srv.name)] = r
+                progress(f"   by {mode} {srv.name}: {r['rps']:.0f} req/s, upstream {r['upstream']} "
+                         f"({methods_str(r['upstream_methods'])}), server CPU "
+                         f"{r['server_cpu'] * 100:.0f}%, client CPU {r['client_cpu'] * 100:.0f}% "
+                         f"errors {r['errors'] or 0}")
+                self.notes.append(
+                    f"fig 4 by {mode}, {srv.name}: server CPU {r['server_cpu'] * 100:.0f}% "
+                    f"(100% = one core), load generator CPU {r['client_cpu'] * 100:.0f}% over "
+                    f"{r['procs']} process(es), upstream calls in window: "
+                    f"{methods_str(r['upstream_methods'])}"
+                    + (f", errors {r['errors']}" if r["errors"] else ""))
+        for mode in ("tag", "digest"):
+            d, m = res[(mode, self.dist.name)], res[(mode, self.mirror.name)]
+            if mode == "tag":
+                target, met = ">= 2000/s with 0 upstream calls", m["rps"] >= 2000 and m["upstream"] == 0
+            else:
+                target, met = ">= 2x distribution", m["rps"] >= 2 * d["rps"]
+            self.rows.append(Row(
+                f"4{'a' if mode == 'tag' else 'b'}. warm manifest GET by {mode}, req/s, "
+                f"{p.load_conns} connections, {p.duration:.0f} s (upstream calls in window)",
+                dist=f"{d['rps']:.0f}/s ({d['upstream']} upstream)",
+                mirror=f"{m['rps']:.0f}/s ({m['upstream']} upstream)",
+                ratio=f"mirror/dist {m['rps'] / d['rps']:.2f}" if d["rps"] else "-",
+                target=target, met=met))
+
+    def fig5(self) -> None:
+        p = self.p
+        self.reset_relays()
+        path = f"/v2/{BLOB_REPO}/blobs/{self.c.blob1}"
+        res = {}
+        for srv in self.servers:
+            r = self._load(srv, path, [], p.blob_conns, min(2, p.load_procs), p.blob_size)
+            res[srv.name] = r
+            progress(f"   {srv.name}: {r['bps'] / 1e6:.0f} MB/s, upstream {r['upstream']}, "
+                     f"server CPU {r['server_cpu'] * 100:.0f}%, client CPU {r['client_cpu'] * 100:.0f}%")
+            self.notes.append(
+                f"fig 5, {srv.name}: server CPU {r['server_cpu'] * 100:.0f}%, load generator CPU "
+                f"{r['client_cpu'] * 100:.0f}% over {r['procs']} process(es), upstream calls in "
+                f"window: {r['upstream']}" + (f", errors {r['errors']}" if r["errors"] else ""))
+        d, m = res[self.dist.name], res[self.mirror.name]
+        self.rows.append(Row(
+            f"5. warm blob throughput, {p.blob_conns} clients looping on a {fmt_size(p.blob_size)} "
+            f"blob, MB/s (10^6 B/s)",
+            dist=f"{d['bps'] / 1e6:.0f} MB/s", mirror=f"{m['bps'] / 1e6:.0f} MB/s",
+            ratio=f"mirror/dist {m['bps'] / d['bps']:.2f}" if d["bps"] else "-",
+            target=">= distribution", met=m["bps"] >= d["bps"]))
+
+    # -- figure 6
+    def fig6(self) -> None:
+        p = self.p
+        self.reset_relays()
+        out: dict[str, tuple[int, int, int, float]] = {}
+        for srv in (self.mirror, self.dist):
+            srv.restart()  # a fresh process: its VmHWM covers start-up + this stream only
+            base_rss = proc_status(srv.pid, "VmRSS") or 0
+            progress(f"   {srv.name}: {p.big_clients} clients on a cold {fmt_size(p.big_size)} blob "
+                     f"(RSS at start {base_rss / MiB:.0f} MiB)")
+            path = f"/v2/{BLOB_REPO}/blobs/{self.c.big}"
+            start = time.monotonic() + SPAWN_LEAD
+            with RssMonitor(srv.pid) as mon:
+                [res] = run_jobs([(job_cold_blob, (srv.url, path, p.big_clients, self.c.big,
+                                                   p.big_size), {"verify": 1, "start_at": start})],
+                                 timeout=600)
+                srv.relay.wait_idle(timeout=300)
+            hwm = proc_status(srv.pid, "VmHWM") or 0
+            if not res["ok"]:
+                raise RuntimeError(f"{srv.name}: {res['errors'][:3]}")
+            out[srv.name] = (max(hwm, mon.peak), mon.peak, base_rss, res["wall"])
+            progress(f"   {srv.name}: {res['wall']:.1f}s, peak RSS {max(hwm, mon.peak) / MiB:.0f} MiB "
+                     f"(polled max {mon.peak / MiB:.0f} MiB over {mon.samples} samples)")
+            self.notes.append(
+                f"fig 6, {srv.name}: VmHWM {hwm / MiB:.0f} MiB, polled VmRSS max "
+                f"{mon.peak / MiB:.0f} MiB ({mon.samples} samples at 50 ms), RSS after start "
+                f"{base_rss / MiB:.0f} MiB, all clients done in {res['wall']:.1f} s, upstream "
+                f"{srv.relay.bytes_sent('/blobs/') / p.big_size:.1f}x blob")
+        d, m = out[self.dist.name], out[self.mirror.name]
+        self.rows.append(Row(
+            f"6. peak RSS streaming a cold {fmt_size(p.big_size)} blob to {p.big_clients} clients",
+            dist=f"{d[0] / MiB:.0f} MiB", mirror=f"{m[0] / MiB:.0f} MiB",
+            ratio=f"mirror/dist {m[0] / d[0]:.2f}" if d[0] else "-",
+            target="<= 80 MiB", met=m[0] <= 80 * MiB))
+
+    # -- report
+    def mirror_log_findings(self) -> list[str]:
+        text = self.mirror.log_text()
+        lines = [ln for ln in text.splitlines()
+                 if any(w in ln for w in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback"))]
+        uniq: dict[str, int] = {}
+        for ln in lines:
+            key = ln.split(" ", 2)[-1][:200]  # drop the timestamp
+            uniq[key] = uniq.get(key, 0) + 1
+        return [f"{n}x {k}" for k, n in list(uniq.items())[:20]]
+
+
+def render(b: Bench, elapsed: float) -> str:
+    p = b.p
+    out = [f"## mirror benchmark{' (--quick)' if p.quick else ''}", ""]
+    out.append("| figure | distribution proxy | mirror | ratio | target |")
+    out.append("|---|---|---|---|---|")
+    for r in b.rows:
+        mark = "" if r.met is None else (" ✅" if r.met else " ❌")
+        out.append(f"| {r.figure} | {r.dist} | {r.mirror} | {r.ratio} | {r.target}{mark} |")
+    out += ["", "Notes:", ""]
+    try:
+        dist_version = subprocess.run(["docker-registry", "--version"], capture_output=True,
+                                      text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        dist_version = "?"
+    out.append(f"- host: {os.cpu_count()} CPUs, {platform.python_implementation()} "
+               f"{platform.python_version()}, {dist_version}; total run {elapsed:.0f} s")
+    out.append("- upstream = distribution 2.8 on loopback; each of mirror / distribution proxy / "
+               "direct reaches it through its own counting relay (a Python aiohttp relay in the "
+               "bench process), shaped by a shared token bucket when a link is given; 'direct' "
+               "goes through the same kind of relay, so the relay hop is in every path")
+    out.append(f"- load generator: raw HTTP/1.1 keep-alive client on asyncio BufferedProtocol, "
+               f"in {p.load_procs} spawned process(es) for fig 4; mirror tag_ttl {p.tag_ttl}, "
+               f"log level warn")
+    out += [f"- {n}" for n in b.notes]
+    findings = b.mirror_log_findings()
+    if findings:
+        out.append("- mirror log (warn level), unique lines:")
+        out += [f"    - `{f}`" for f in findings]
+    else:
+        out.append("- mirror log (warn level): no warnings or errors")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke version (< 1.5 min)")
+    ap.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
+    ap.add_argument("--load-procs", type=int, default=None,
+                    help="load generator processes for fig 4 (default 2)")
+    ap.add_argument("--only", default="123456", help="figures to run, e.g. 14 (default all)")
+    args = ap.parse_args(argv)
+    p = Params.make(args.quick)
+    if args.load_procs:
+        p.load_procs = args.load_procs
+    t0 = time.monotonic()
+    with ExitStack() as stack:
+        b = Bench(p, stack)
+        b.setup()
+        figures = {"1": ("figure 1: cold fan-in bytes", b.fig1),
+                   "2": ("figure 2: cold fan-in over a shaped link", b.fig2),
+                   "3": ("figure 3: cold pull vs direct", b.fig3),
+                   "4": ("figure 4: warm manifests req/s", b.fig4),
+                   "5": ("figure 5: warm blob MB/s", b.fig5),
+                   "6": ("figure 6: peak RSS on a cold big blob", b.fig6)}
+        for k, (name, fn) in figures.items():
+            if k in args.only:
+                b.run_figure(name, fn)
+        report = render(b, time.monotonic() - t0)
+        mlog = b.mirror.log_text()
+        if mlog.strip():
+            print("--- mirror log tail ---\n" + mlog[-3000:], file=sys.stderr)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    progress(f"done in {time.monotonic() - t0:.0f}s")
+    return 0

@@ -1,0 +1,194 @@
+"""Access control for the API: which access a request needs, and who may have it.
+
+Every request is authorized before any lookup, cached or not, so an
+unauthorized caller gets the same 401 whether or not the repository or
+digest exists, costs no upstream GET, and a cache hit never skips the check.
+Controllers raise :class:`mirror.errors.Unauthorized` carrying the
+`WWW-Authenticate` challenge; this module is where the auth library's own
+`Unauthorized` is mapped to the protocol error, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiohttp import web
+
+from mirror import errors
+from mirror.api.external import external_base
+from mirror.api.routes import Route
+from mirror.auth import access as auth_access
+from mirror.auth.access import Access
+from mirror.auth.keys import load_trusted_keys
+from mirror.auth.token import TokenVerifier, bearer_token, challenge
+from mirror.config import Settings
+from mirror.upstream.client import Upstream
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/token"
+UPSTREAM_RECHECK = 30.0  # seconds between attempts to learn upstream's token service
+#: Actions distribution asks for per HTTP method on repository routes.
+_ACTIONS = {"GET": ("pull",), "HEAD": ("pull",), "DELETE": ("delete",)}
+
+
+def required_access(route: Route, method: str) -> list[Access]:
+    """The access a request needs, as distribution's app.go derives it."""
+    if route.name == "base":
+        return []
+    if route.name == "catalog":
+        return [Access.of("registry", "catalog", "*")]
+    actions = _ACTIONS.get(method, ("pull", "push"))
+    return [Access.of("repository", route.params["name"], *actions)]
+
+
+class AccessController(Protocol):
+    """Decides whether a request may proceed."""
+
+    async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
+        """Return the client credential to pass upstream (or None), else raise.
+
+        Raises:
+            errors.Unauthorized: with a `WWW-Authenticate` challenge.
+        """
+
+
+class OpenAccess:
+    """No `auth` configured: everyone may pull (distribution without auth)."""
+
+    async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
+        return None
+
+
+def deny(exc: auth_access.Unauthorized, required: Sequence[Access]) -> errors.RegistryError:
+    """The protocol error for a refused request (the one mapping)."""
+    log.info("access denied: %s", exc.reason or exc.error or "no credentials")
+    detail = [{"Type": a.type, "Class": "", "Name": a.name, "Action": action}
+              for a in required for action in sorted(a.actions)]
+    return errors.Unauthorized(detail=detail or None, headers={"WWW-Authenticate": exc.challenge})
+
+
+class TokenAccess:
+    """distribution's `auth.token`: validate the central auth service's JWTs locally.
+
+    Args:
+        settings: the node settings (`auth.token`, `http.host`, `mirror.auth`).
+        pass_token_upstream: send the client's token upstream for fetches
+            (upstream trusts the same issuer for the same service).
+    """
+
+    def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
+        token = settings.auth.token
+        assert token is not None
+        self.settings = settings
+        self.token = token
+        self.upstream = upstream
+        self._upstream_service: str | None = None
+        self._checked_at = -UPSTREAM_RECHECK
+        self.verifier = TokenVerifier(token.issuer, token.service, self._load_keys(),
+                                      signing_algorithms=token.signingalgorithms)
+
+    def _load_keys(self):  # type: ignore[no-untyped-def]
+        return load_trusted_keys(self.token.rootcertbundle, self.token.jwks)
+
+    def reload(self) -> None:
+        """Re-read the bundle (SIGHUP); keep the old keys if the new ones fail."""
+        try:
+            self.verifier.keys = self._load_keys()
+            log.info("token keys reloaded")
+        except Exception as exc:  # noqa: BLE001 - a bad reload must not stop serving
+            log.error("token keys not reloaded, keeping the old ones: %s", exc)
+
+    async def _pass_token_upstream(self) -> bool:
+        """True when upstream challenges for our service: it trusts these tokens.
+
+        Then on-demand fetches carry the client's own token, so upstream
+        applies its ACLs; otherwise the node's own credentials are used.
+        """
+        if self._upstream_service is None and self.upstream is not None:
+            now = time.monotonic()
+            if now - self._checked_at >= UPSTREAM_RECHECK:
+                self._checked_at = now
+                try:
+                    found = await self.upstream.challenge()
+                except errors.RegistryError:
+                    found = None
+                self._upstream_service = found.params.get("service", "") if found else None
+        return self._upstream_service == self.token.service
+
+    def realm(self, request: web.Request) -> str:
+        """The realm clients are sent to: the central one, or our relay."""
+        if self.settings.mirror.auth.token_proxy:
+            base = external_base(request, self.settings.http.host, self.settings.mirror.trusted_proxies)
+            return base + TOKEN_PATH
+        return self.token.realm
+
+    async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
+        authorization = request.headers.get("Authorization")
+        raw = bearer_token(authorization)
+        error = None
+        if raw:
+            try:
+                claims = self.verifier.verify(raw)
+            except Exception as exc:  # noqa: BLE001 - InvalidToken; anything else is invalid too
+                reason = getattr(exc, "reason", str(exc))
+                error, claims = "invalid_token", None
+                log.info("invalid token: %s", reason)
+            if claims is not None:
+                if auth_access.grants_all(claims.access, required):
+                    return authorization if await self._pass_token_upstream() else None
+                error = "insufficient_scope"
+        realm = self.realm(request)
+        raise deny(auth_access.Unauthorized(error, error or "no token",
+                                            challenge(realm, self.token.service, required, error)), required)
+
+
+class HtpasswdAccess:
+    """distribution's `auth.htpasswd`: Basic credentials checked against bcrypt entries."""
+
+    def __init__(self, settings: Settings) -> None:
+        from mirror.auth.htpasswd import HtpasswdAuth
+
+        assert settings.auth.htpasswd is not None
+        self.htpasswd = HtpasswdAuth(settings.auth.htpasswd.realm, settings.auth.htpasswd.path)
+
+    def reload(self) -> None:
+        """Re-read the htpasswd file (SIGHUP)."""
+        self.htpasswd.reload()
+
+    async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
+        try:
+            await self.htpasswd.check_async(request.headers.get("Authorization"))
+        except auth_access.Unauthorized as exc:
+            raise deny(exc, required) from None
+        return None
+
+
+def install_reload(controller: object) -> None:
+    """Reload keys on SIGHUP, as distribution's operators expect."""
+    reload = getattr(controller, "reload", None)
+    if reload is None:
+        return
+    try:
+        import asyncio
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    except (RuntimeError, NotImplementedError, ValueError):
+        log.debug("SIGHUP reload not available here")
+
+
+def build_access(settings: Settings, upstream: Upstream) -> AccessController:
+    """The controller the settings ask for (forward mode only when explicit)."""
+    if settings.mirror.auth.mode == "forward":
+        from mirror.auth.forward import ForwardAccess
+
+        return ForwardAccess(upstream)
+    if settings.auth.token is not None:
+        return TokenAccess(settings, upstream)
+    if settings.auth.htpasswd is not None:
+        return HtpasswdAccess(settings)
+    return OpenAccess()
