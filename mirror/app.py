@@ -13,6 +13,7 @@ from mirror.auth.controller import TOKEN_PATH, install_reload
 from mirror.auth.relay import TokenRelay
 from mirror.config import Settings
 from mirror.node import close_node, open_node
+from mirror.observe.accesslog import access_log_middleware
 
 TOKEN_RELAY: web.AppKey[TokenRelay] = web.AppKey("token_relay", TokenRelay)
 
@@ -25,7 +26,7 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
     Args:
         transport: an httpx transport for upstream (tests only).
     """
-    app = web.Application(middlewares=[middleware.error_middleware],
+    app = web.Application(middlewares=[access_log_middleware, middleware.error_middleware],
                           handler_args={"max_field_size": MAX_HEADER_SIZE, "max_line_size": MAX_HEADER_SIZE})
 
     async def node_context(app: web.Application) -> AsyncIterator[None]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import ssl
 import sys
 
 from aiohttp import web
 
 from mirror import __version__
+from mirror.auth.keys import KeyLoadError
 from mirror.config import ConfigError, Settings, load_settings
+from mirror.storage.blobstore import StoreLayoutError
 from mirror.logs import setup_logging
 
 log = logging.getLogger("mirror")
@@ -34,20 +38,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_forever(settings: Settings) -> int:
-    """Run the node until SIGINT/SIGTERM."""
-    from mirror.app import create_app
-
+    """Run the node (and its debug listener) until SIGINT/SIGTERM."""
     setup_logging(settings.log.level, settings.log.formatter)
     if settings.ignored_keys:
         log.warning("config keys accepted but not used by mirror: %s", ", ".join(settings.ignored_keys))
     if settings.unknown_keys:
         log.warning("unknown config keys ignored: %s", ", ".join(settings.unknown_keys))
-    host, port = settings.http.bind
-    log.info("mirror %s serving on %s:%d, upstream %s, store %s", __version__, host or "*", port,
-             settings.proxy.remoteurl, settings.storage.root)
-    web.run_app(create_app(settings), host=host or None, port=port, ssl_context=_tls(settings),
-                print=None, access_log=None, handle_signals=True)
+    try:
+        asyncio.run(_serve(settings))
+    except (KeyLoadError, StoreLayoutError, OSError) as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+async def _serve(settings: Settings) -> None:
+    from mirror.api.debug import create_debug_app
+    from mirror.api.handlers import NODE
+    from mirror.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    runners = [runner]
+    try:
+        host, port = settings.http.bind
+        await web.TCPSite(runner, host, port, ssl_context=_tls(settings)).start()
+        log.info("mirror %s serving on %s:%d, upstream %s, store %s", __version__, host, port,
+                 settings.proxy.remoteurl, settings.storage.root)
+        if settings.http.debug_bind is not None:
+            debug = web.AppRunner(create_debug_app(app[NODE]), access_log=None)
+            await debug.setup()
+            runners.append(debug)
+            await web.TCPSite(debug, *settings.http.debug_bind).start()
+            log.info("debug listener on %s:%d", *settings.http.debug_bind)
+        await _until_signalled()
+    finally:
+        for each in reversed(runners):
+            await each.cleanup()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from mirror.auth.controller import AccessController, build_access
 from mirror.config import Settings
+from mirror.observe.metrics import Metrics
 from mirror.proxy.blobs import Blobs
 from mirror.proxy.fetcher import Fetcher
 from mirror.proxy.manifests import Manifests
@@ -37,6 +38,7 @@ class Node:
     manifests: Manifests
     tags: TagLists
     access: AccessController
+    metrics: Metrics
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -64,7 +66,13 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
                           tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
     tags = TagLists(metadata, upstream, mirror.tag_ttl)
     access = build_access(settings, upstream)
-    return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags, access)
+    metrics = Metrics()
+    metrics.track_inflight(lambda: len(blobs.fetcher.inflight))
+    upstream.observe(metrics)
+    blobs.fetcher.metrics = metrics
+    manifests.metrics = metrics
+    return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
+                access, metrics)
 
 
 async def close_node(node: Node) -> None:

@@ -132,8 +132,6 @@ async def test_put_object_updates_size(meta: Metadata, db_path: Path) -> None:
     assert db_rows(db_path, "SELECT size FROM objects WHERE digest=?", (str(d),)) == [(2,)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: put_object(d, n, None) keeps the stored media type in SQLite "
-                   "(coalesce) but overwrites the in-memory record with media_type=None")
 async def test_put_object_without_media_type_keeps_known_type(meta: Metadata, db_path: Path) -> None:
     d = dg("manifest fetched as a blob too")
     await meta.put_object(d, 10, DOCKER)
@@ -283,8 +281,6 @@ async def test_bounded_memory_falls_back_to_database(db_path: Path) -> None:
         await m.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: link() skips the database write when its in-memory map already "
-                   "says linked, so a link another process deleted (forget_object) is never re-recorded")
 async def test_link_after_other_instance_forgot_reaches_database(db_path: Path) -> None:
     a = await reopened(db_path)
     b = await reopened(db_path)

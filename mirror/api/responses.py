@@ -32,13 +32,16 @@ class SendfileResponse(web.StreamResponse):
         self._offset = offset
         self._count = count
         self.content_length = count
+        self.sent = 0  # sendfile bypasses the writer's byte count
 
     async def prepare(self, request: web.BaseRequest) -> object:
+        if self.prepared:  # aiohttp calls prepare again after the handler chain
+            return await super().prepare(request)
         try:
             writer = await super().prepare(request)
             if request.method != "HEAD" and self._count and request.transport is not None:
                 with os.fdopen(self._fd, "rb", closefd=False) as fobj:
-                    await asyncio.get_running_loop().sendfile(
+                    self.sent = await asyncio.get_running_loop().sendfile(
                         request.transport, fobj, self._offset, self._count)
                 await super().write_eof()
             return writer

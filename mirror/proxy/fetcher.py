@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mirror import errors
+from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
 from mirror.upstream.client import Upstream
@@ -112,6 +113,7 @@ class Fetcher:
         self.on_commit = on_commit
         self.retries = retries
         self.inflight: dict[Digest, BlobFetch] = {}
+        self.metrics: Metrics | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, digest: Digest) -> BlobFetch | None:
@@ -216,6 +218,8 @@ class Fetcher:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         fetch.written = await self._io(writer.write, data)
         fetch._notify()
+        if self.metrics is not None:
+            self.metrics.upstream_bytes.inc(len(data))
 
 
 def open_for_read(fetch: BlobFetch, store: BlobStore) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror import errors
+from mirror.observe.metrics import Metrics
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
 from mirror.registry import manifest as manifests
@@ -66,6 +67,7 @@ class Manifests:
         self.tag_max_stale = tag_max_stale
         self.max_size = max_size
         self._flight: SingleFlight[Any] = SingleFlight()
+        self.metrics: Metrics | None = None
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -189,6 +191,8 @@ class Manifests:
             if time.time() - record.fetched_at > self.tag_ttl + self.tag_max_stale:
                 raise
             log.warning("serving stale tag %s:%s (%s)", repo, tag, getattr(exc, "code", "slow upstream"))
+            if self.metrics is not None:
+                self.metrics.stale_tags.inc()
             return record, "stale"
 
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,

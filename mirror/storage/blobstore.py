@@ -45,7 +45,7 @@ def path_for(root: Path, kind: str, digest: Digest | None = None, name: str = ""
           objects/<alg>/<hex[0:2]>/<hex>    one verified object per digest
           tmp/<owner>.lock                  held (flock) by each live process
           tmp/<owner>-<random>.part         an object being written
-          quarantine/<alg>-<hex>.<time>     objects that failed `verify`
+          quarantine/<alg>-<hex>.<time>.<rand>  objects that failed `verify`
 
     Digests reaching here were validated by :class:`Digest`, so no path is
     ever built from an unvalidated client string.
@@ -55,7 +55,7 @@ def path_for(root: Path, kind: str, digest: Digest | None = None, name: str = ""
         return root / "objects" / digest.algorithm / digest.hex[:2] / digest.hex
     if kind == "quarantine":
         assert digest is not None
-        return root / "quarantine" / f"{digest.algorithm}-{digest.hex}.{int(time.time())}"
+        return root / "quarantine" / f"{digest.algorithm}-{digest.hex}.{int(time.time())}.{name}"
     if kind == "tmp":
         return root / "tmp" / name
     if kind == "layout":
@@ -137,10 +137,27 @@ class BlobStore:
         for sub in ("objects", "tmp", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._check_layout()
-        lock_path = path_for(self.root, "tmp", name=f"{self.owner}.lock")
-        self._lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = self._take_owner_lock()
         self.sweep_temp()
+
+    def _take_owner_lock(self) -> int:
+        """Create and hold `<owner>.lock`, surviving a concurrent sweep.
+
+        Another process's sweep may see the fresh lock file before it is
+        locked, briefly probe it, or even unlink it as dead; so the lock is
+        taken blocking and kept only if the locked inode is still the file
+        at that path.
+        """
+        lock_path = path_for(self.root, "tmp", name=f"{self.owner}.lock")
+        while True:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     def close(self) -> None:
         """Release the owner lock and remove its lock file."""
@@ -154,7 +171,10 @@ class BlobStore:
         if not layout.exists():
             self._atomic_write(layout, json.dumps({"layout": LAYOUT_VERSION}).encode())
             return
-        version = json.loads(layout.read_text()).get("layout")
+        try:
+            version = json.loads(layout.read_text()).get("layout")
+        except (ValueError, AttributeError) as exc:
+            raise StoreLayoutError(f"{layout}: not a mirror layout file") from exc
         if version != LAYOUT_VERSION:
             raise StoreLayoutError(f"{layout}: layout {version}, this mirror reads {LAYOUT_VERSION}")
 
@@ -258,7 +278,7 @@ class BlobStore:
     def quarantine(self, digest: Digest) -> bool:
         """Move an object aside so it is never served again (and refetched)."""
         try:
-            os.replace(self.path(digest), path_for(self.root, "quarantine", digest))
+            os.replace(self.path(digest), path_for(self.root, "quarantine", digest, secrets.token_hex(4)))
         except FileNotFoundError:
             return False
         return True

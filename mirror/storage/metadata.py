@@ -181,9 +181,8 @@ class Metadata:
     async def link(self, repo: str, digest: Digest) -> None:
         """Record that `repo` holds `digest`."""
         key = (repo, str(digest))
-        if self._links.recall(key):
-            return
         self._links.remember(key, True)
+        # Always written: another process may have dropped the row meanwhile.
         await self._run(self._sql, "INSERT OR IGNORE INTO links VALUES (?, ?)", key)
 
     async def repositories(self) -> list[str]:
@@ -208,7 +207,8 @@ class Metadata:
     async def put_object(self, digest: Digest, size: int, media_type: str | None) -> None:
         """Record a newly published object."""
         key = str(digest)
-        self._objects.remember(key, ObjectRecord(size, media_type))
+        known = self._objects.recall(key)
+        self._objects.remember(key, ObjectRecord(size, media_type or (known.media_type if known else None)))
         now = time.time()
         await self._run(
             self._sql,
@@ -249,6 +249,11 @@ class Metadata:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    async def totals(self) -> tuple[int, int]:
+        """(object count, total bytes) of the store, for gauges and `du`."""
+        rows = await self._run(self._sql, "SELECT count(*), coalesce(sum(size), 0) FROM objects")
+        return int(rows[0][0]), int(rows[0][1])
 
     async def all_objects(self) -> list[tuple[str, int]]:
         """(digest, size) of every recorded object (start-up repair)."""

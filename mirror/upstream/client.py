@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from mirror import errors
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import UPSTREAM_ACCEPT
+from mirror.observe.metrics import Metrics
 from mirror.upstream.auth import Challenge, RegistryAuth
 
 log = logging.getLogger(__name__)
@@ -94,10 +96,28 @@ class Upstream:
         self.auth = RegistryAuth(username, password, self.host)
         self._challenge: Challenge | None = None
         self._challenge_known = False
+        self.metrics: Metrics | None = None
         self._client = httpx.AsyncClient(
             timeout=timeout, limits=limits, auth=self.auth, follow_redirects=True,
             transport=transport, headers={"User-Agent": "mirror/0.1"}, trust_env=False,
         )
+
+    def observe(self, metrics: Metrics) -> None:
+        """Count every upstream request and time it to its response headers."""
+        async def on_request(request: httpx.Request) -> None:
+            request.extensions["mirror_started"] = time.perf_counter()
+
+        async def on_response(response: httpx.Response) -> None:
+            started = response.request.extensions.get("mirror_started")
+            method = response.request.method
+            metrics.upstream_requests.labels(method, str(response.status_code)).inc()
+            if started is not None:
+                metrics.upstream_seconds.labels(method).observe(time.perf_counter() - started)
+            if response.status_code >= 500 or response.status_code == 429:
+                metrics.upstream_errors.labels(str(response.status_code)).inc()
+
+        self._client.event_hooks = {"request": [on_request], "response": [on_response]}
+        self.metrics = metrics
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -352,6 +372,6 @@ async def _mapped() -> AsyncIterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise errors.Unavailable("upstream timed out") from exc
+        raise errors.Unavailable("upstream timed out", detail=None) from exc
     except httpx.HTTPError as exc:
         raise errors.Unavailable("upstream unreachable") from exc

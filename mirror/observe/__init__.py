@@ -1,0 +1,1 @@
+"""What monitoring sees: Prometheus metrics and the access log."""

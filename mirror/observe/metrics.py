@@ -1,0 +1,54 @@
+"""Prometheus metrics of one node, in a registry of its own (no global state).
+
+Names follow Prometheus conventions with a `mirror_` prefix; every family is
+created here, once, so the set is documented in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Every metric family the node exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("mirror_http_requests", "API requests by route, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("mirror_http_request_duration_seconds", "API request latency",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cache = Counter("mirror_cache_requests", "Cache outcomes by kind (manifest, blob)",
+                             ["kind", "outcome"], registry=r)
+        self.bytes_served = Counter("mirror_bytes_served", "Body bytes sent to clients", ["kind"], registry=r)
+        self.bytes_saved = Counter("mirror_upstream_bytes_saved",
+                                   "Blob bytes served from the store instead of upstream", registry=r)
+        self.upstream_requests = Counter("mirror_upstream_requests", "Requests sent upstream",
+                                         ["method", "status"], registry=r)
+        self.upstream_errors = Counter("mirror_upstream_errors", "Upstream failures by kind",
+                                       ["kind"], registry=r)
+        self.upstream_seconds = Histogram("mirror_upstream_request_duration_seconds",
+                                          "Time to upstream response headers", ["method"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_bytes = Counter("mirror_upstream_bytes", "Blob bytes received from upstream",
+                                      registry=r)
+        self.stale_tags = Counter("mirror_stale_tags_served", "Tags served stale while upstream failed",
+                                  registry=r)
+        self.evictions = Counter("mirror_evictions", "Objects evicted from the store", registry=r)
+        self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the store", registry=r)
+        self.store_bytes = Gauge("mirror_store_bytes", "Bytes of objects in the store", registry=r)
+        self.store_objects = Gauge("mirror_store_objects", "Objects in the store", registry=r)
+        self.inflight = Gauge("mirror_inflight_fetches", "Blob fetches in progress", registry=r)
+
+    def track_inflight(self, count: Callable[[], int]) -> None:
+        """Read the in-flight gauge from the fetcher at scrape time."""
+        self.inflight.set_function(lambda: float(count()))
+
+    def exposition(self) -> bytes:
+        """The text format for `/metrics`."""
+        return generate_latest(self.registry)
