@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from mirror import __version__
+from mirror import commands as commands_registry
 from mirror.auth.keys import KeyLoadError
 from mirror.config import ConfigError, Settings, load_settings
 from mirror.storage.blobstore import StoreLayoutError
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the registry API (config: distribution's config.yml)")
     serve.add_argument("config", nargs="?", help="config.yml (default: built-in Docker Hub mirror)")
+    for command in commands_registry.ALL:
+        command.register(commands)
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        return int(args.func(args) or 0)
     try:
         settings = load_settings(args.config, os.environ)
     except ConfigError as exc:

@@ -11,7 +11,9 @@ import os
 
 from aiohttp import web
 
+from mirror.admin import add_admin_routes, admin_guard
 from mirror.api.handlers import NODE
+from mirror.api.middleware import error_middleware
 from mirror.node import Node
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,8 +65,9 @@ def _store_writable(node: Node) -> bool:
 
 def create_debug_app(node: Node) -> web.Application:
     """The debug application, sharing the registry application's node."""
-    app = web.Application()
+    app = web.Application(middlewares=[error_middleware, admin_guard])
     app[NODE] = node
+    add_admin_routes(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/debug/health", health)
     app.router.add_get("/debug/ready", ready)
