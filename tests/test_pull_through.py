@@ -197,3 +197,23 @@ async def test_temp_files_of_an_interrupted_fetch_are_swept_at_start(make_mirror
     (tmp / "12345-deadbeef0000.lock").write_bytes(b"")
     await node.restart()
     assert sorted(p.suffix for p in tmp.iterdir()) == [".lock"]  # only the live node's lock
+
+
+async def test_edge_node_ttl_does_not_stack_on_the_middle_node(make_mirror, relay, upstream,
+                                                              upstream_client) -> None:
+    middle = await make_mirror(relay.url, tag_ttl="2s")
+    edge = await make_mirror(middle.url, tag_ttl="2s")
+    repo = repo_name()
+    old = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="edge-old")
+    async with middle.client(headers=ACCEPT) as client:
+        first = await client.get(f"/v2/{repo}/manifests/v1")
+    assert first.headers["Cache-Control"] == "max-age=2" and first.headers["Age"] == "0"
+    await asyncio.sleep(1.2)
+    async with edge.client(headers=ACCEPT) as client:
+        via_edge = await client.get(f"/v2/{repo}/manifests/v1")
+        assert via_edge.headers["Docker-Content-Digest"] == old.digest
+        assert int(via_edge.headers["Age"]) >= 1  # dated from the middle node's confirmation
+        new = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="edge-new")
+        await asyncio.sleep(1.2)  # past the middle's TTL, and so past the edge's: no stacking
+        after = await client.get(f"/v2/{repo}/manifests/v1")
+    assert after.headers["Docker-Content-Digest"] == new.digest

@@ -6,6 +6,7 @@ Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pull
 from __future__ import annotations
 
 import os
+import time
 
 from aiohttp import web
 
@@ -94,9 +95,22 @@ async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamRe
     }
     if isinstance(reference, Tag):
         headers["Vary"] = "Accept"
+        headers.update(_freshness(result.fetched_at, _node(request).settings.mirror.tag_ttl))
     if _etag_matches(request, str(result.digest)):
         return web.Response(status=304, headers=headers)
     return web.Response(body=result.raw, headers=headers)
+
+
+def _freshness(confirmed_at: float | None, tag_ttl: float) -> dict[str, str]:
+    """`Cache-Control: max-age` and `Age` for a tag answer.
+
+    A downstream mirror (an edge zone) dates its own record by `Age`, so its
+    TTL runs from when this node last confirmed the tag, not on top of it.
+    """
+    if confirmed_at is None:
+        return {}
+    age = max(0, int(time.time() - confirmed_at))
+    return {"Cache-Control": f"max-age={max(0, int(tag_ttl) - age)}", "Age": str(age)}
 
 
 def _etag_matches(request: web.Request, digest: str) -> bool:

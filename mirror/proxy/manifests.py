@@ -50,6 +50,7 @@ class ManifestResult:
     digest: Digest
     cache: str = "hit"
     fetched_at: float | None = None  # for tags: when upstream last confirmed it
+    age: float = 0.0  # for a fresh upstream fetch: the age upstream reported
 
 
 class Manifests:
@@ -140,7 +141,7 @@ class Manifests:
             self.negative.remember(key, exc)
             raise
         await self.put(repo, fetched.digest, fetched.raw, fetched.media_type)
-        return ManifestResult(fetched.raw, fetched.media_type, fetched.digest, cache="miss")
+        return ManifestResult(fetched.raw, fetched.media_type, fetched.digest, cache="miss", age=fetched.age)
 
     async def put(self, repo: str, digest: Digest, raw: bytes, media_type: str) -> None:
         """Store a verified manifest and link it to `repo`."""
@@ -170,9 +171,9 @@ class Manifests:
 
     async def _fetch_tag(self, repo: str, tag: str, authorization: str | None) -> ManifestResult:
         result = await self._fetch(repo, tag, authorization)
-        now = time.time()
-        await self.metadata.put_tag(repo, tag, TagRecord(result.digest, result.media_type, now))
-        return ManifestResult(result.raw, result.media_type, result.digest, cache="miss", fetched_at=now)
+        confirmed = time.time() - result.age
+        await self.metadata.put_tag(repo, tag, TagRecord(result.digest, result.media_type, confirmed))
+        return ManifestResult(result.raw, result.media_type, result.digest, cache="miss", fetched_at=confirmed)
 
     async def _revalidated(self, repo: str, tag: str, record: TagRecord,
                            authorization: str | None) -> tuple[TagRecord, str]:
@@ -198,11 +199,12 @@ class Manifests:
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,
                           authorization: str | None) -> TagRecord:
         head = await self.upstream.head_manifest(repo, tag, authorization)
+        confirmed = time.time() - head.age
         if head.digest != record.digest:
             fetched = await self.by_digest(repo, head.digest, authorization)
-            record = TagRecord(fetched.digest, fetched.media_type, time.time())
+            record = TagRecord(fetched.digest, fetched.media_type, confirmed)
         else:
-            record = TagRecord(record.digest, record.media_type, time.time())
+            record = TagRecord(record.digest, record.media_type, confirmed)
         await self.metadata.put_tag(repo, tag, record)
         return record
 

@@ -43,6 +43,7 @@ class UpstreamManifest:
     raw: bytes
     media_type: str
     digest: Digest
+    age: float = 0.0  # how old upstream says its answer already is (a mirror upstream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,17 @@ class ManifestHead:
     digest: Digest
     media_type: str
     size: int
+    age: float = 0.0
+
+
+def response_age(headers: httpx.Headers) -> float:
+    """The `Age` an upstream mirror reports for a tag answer (0 when absent).
+
+    Honouring it keeps edge-zone TTLs from stacking: an edge node dates its
+    tag record from when the middle node last confirmed the tag upstream.
+    """
+    value = headers.get("age", "")
+    return min(float(value), 365 * 86400.0) if value.isdigit() else 0.0
 
 
 @dataclass(slots=True)
@@ -186,7 +198,7 @@ class Upstream:
             raw = await _read_capped(response, max_size)
         media_type = manifests.detect_media_type(raw, response.headers.get("content-type"))
         digest = _verified_digest(raw, reference, response.headers.get("docker-content-digest"))
-        return UpstreamManifest(raw, media_type, digest)
+        return UpstreamManifest(raw, media_type, digest, response_age(response.headers))
 
     async def head_manifest(self, repo: str, reference: str,
                             authorization: str | None = None) -> ManifestHead:
@@ -201,7 +213,7 @@ class Upstream:
                 raise errors.Unavailable("upstream HEAD carried no Docker-Content-Digest")
             media_type = manifests.detect_media_type(b"{}", response.headers.get("content-type"))
             return ManifestHead(Digest.parse(digest_header), media_type,
-                                int(response.headers.get("content-length", 0)))
+                                int(response.headers.get("content-length", 0)), response_age(response.headers))
         return await self._retrying(head)
 
     async def head_blob(self, repo: str, digest: Digest, authorization: str | None = None) -> int | None:
