@@ -15,6 +15,7 @@ from mirror.proxy.fetcher import Fetcher
 from mirror.proxy.manifests import Manifests
 from mirror.proxy.negative import NegativeCache
 from mirror.proxy.tags import TagLists
+from mirror.proxy.uploads import Uploads
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
 from mirror.upstream.client import Upstream
@@ -39,6 +40,7 @@ class Node:
     tags: TagLists
     access: AccessController
     metrics: Metrics
+    uploads: Uploads
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -72,7 +74,7 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     blobs.fetcher.metrics = metrics
     manifests.metrics = metrics
     return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
-                access, metrics)
+                access, metrics, Uploads(store, executor))
 
 
 async def close_node(node: Node) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mirror import errors
-from mirror.api import handlers, routes
+from mirror.api import handlers, routes, writes
 from mirror.auth.controller import required_access
 from mirror.registry.reference import RepositoryName
 
@@ -49,14 +49,22 @@ async def add_api_version(request: web.Request, response: web.StreamResponse) ->
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Route a `/v2/...` request by parsing the path from the right."""
     route = routes.match(request.rel_url.raw_path)
-    if request.method not in routes.READ_METHODS[route.name]:
-        raise errors.Unsupported(headers={"Allow": ", ".join(sorted(routes.READ_METHODS[route.name]))})
+    node = request.app[handlers.NODE]
+    allowed = routes.READ_METHODS[route.name]
+    if node.settings.mirror.passthrough_writes:
+        allowed = allowed | writes.WRITE_METHODS.get(route.name, set())
+    if request.method not in allowed:
+        raise errors.Unsupported(headers={"Allow": ", ".join(sorted(allowed))})
     if "name" in route.params:
         RepositoryName.parse(route.params["name"])  # a bad name is 400 for everyone, before auth
-    node = request.app[handlers.NODE]
-    credential = await node.access.authorize(request, required_access(route, request.method))
+    if request.query.get("from"):
+        RepositoryName.parse(request.query["from"])
+    required = required_access(route, request.method, request.query.get("from"))
+    credential = await node.access.authorize(request, required)
     if credential is not None:
         request[handlers.UPSTREAM_AUTHORIZATION] = credential
+    if request.method not in routes.READ_METHODS[route.name]:
+        return await writes.forward(request, route)
     if route.name == "base":
         return await handlers.base(request)
     _check_namespace(request)

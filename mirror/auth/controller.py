@@ -36,14 +36,20 @@ UPSTREAM_RECHECK = 30.0  # seconds between attempts to learn upstream's token se
 _ACTIONS = {"GET": ("pull",), "HEAD": ("pull",), "DELETE": ("delete",)}
 
 
-def required_access(route: Route, method: str) -> list[Access]:
-    """The access a request needs, as distribution's app.go derives it."""
+def required_access(route: Route, method: str, mount_from: str | None = None) -> list[Access]:
+    """The access a request needs, as distribution's app.go derives it.
+
+    A cross-repository mount (`POST ...?mount=&from=R`) also needs pull on R.
+    """
     if route.name == "base":
         return []
     if route.name == "catalog":
         return [Access.of("registry", "catalog", "*")]
     actions = _ACTIONS.get(method, ("pull", "push"))
-    return [Access.of("repository", route.params["name"], *actions)]
+    required = [Access.of("repository", route.params["name"], *actions)]
+    if route.name == "upload" and method == "POST" and mount_from:
+        required.append(Access.of("repository", mount_from, "pull"))
+    return required
 
 
 class AccessController(Protocol):

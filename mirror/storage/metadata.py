@@ -185,6 +185,18 @@ class Metadata:
         # Always written: another process may have dropped the row meanwhile.
         await self._run(self._sql, "INSERT OR IGNORE INTO links VALUES (?, ?)", key)
 
+    async def unlink(self, repo: str, digest: Digest) -> None:
+        """Forget that `repo` holds `digest` (deleted upstream through this node)."""
+        key = (repo, str(digest))
+        self._links.pop(key, None)
+        await self._run(self._sql, "DELETE FROM links WHERE repo=? AND digest=?", key)
+
+    async def delete_tags_to(self, repo: str, digest: Digest) -> None:
+        """Forget every tag of `repo` that points at `digest`."""
+        for key in [k for k, v in self._tags.items() if k[0] == repo and v.digest == digest]:
+            self._tags.pop(key, None)
+        await self._run(self._sql, "DELETE FROM tags WHERE repo=? AND digest=?", (repo, str(digest)))
+
     async def repositories(self) -> list[str]:
         """Every repository this node holds content for, sorted."""
         rows = await self._run(self._sql, "SELECT DISTINCT repo FROM links ORDER BY repo")

@@ -243,6 +243,26 @@ class Upstream:
             await raise_for_status(response, errors.BlobUnknown)
             yield _blob_stream(response, offset)
 
+    @asynccontextmanager
+    async def forward(self, method: str, path_qs: str, headers: dict[str, str],
+                      content: bytes | AsyncIterator[bytes] | None) -> AsyncIterator[httpx.Response]:
+        """Relay a client's write as it is: its own credentials, no retries, no redirects.
+
+        The node's credentials are never added (`auth=None`): a push is the
+        client's, and upstream must judge it as such.
+
+        Raises:
+            RegistryError: UNAVAILABLE when upstream cannot be reached.
+        """
+        request = self._client.build_request(method, f"{self.base_url}{path_qs}", headers=headers,
+                                             content=content)
+        async with _mapped():
+            response = await self._client.send(request, auth=None, stream=True, follow_redirects=False)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def list_tags(self, repo: str, authorization: str | None = None) -> list[str]:
         """Every tag of `repo`, following upstream's pagination `Link`s."""
         tags: list[str] = []
