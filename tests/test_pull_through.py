@@ -217,3 +217,27 @@ async def test_edge_node_ttl_does_not_stack_on_the_middle_node(make_mirror, rela
         await asyncio.sleep(1.2)  # past the middle's TTL, and so past the edge's: no stacking
         after = await client.get(f"/v2/{repo}/manifests/v1")
     assert after.headers["Docker-Content-Digest"] == new.digest
+
+
+async def test_shared_fetch_continues_with_another_waiters_token(mirror, relay, upstream, upstream_client) -> None:
+    """A token refused mid-way (expired) is replaced by another waiting client's."""
+    from mirror.registry.digest import Digest
+
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[MiB])
+    digest, data = image.layers[0]
+
+    def refuse_expired(record):
+        headers = {k.lower(): v for k, v in (record.request_headers or {}).items()}
+        return 401 if headers.get("authorization") == "Bearer expired" else None
+
+    relay.fault = refuse_expired
+    fetcher = mirror.node.blobs.fetcher
+    fetch = fetcher.start(image.repo, Digest.parse(digest), "Bearer expired")
+    fetcher.start(image.repo, Digest.parse(digest), "Bearer fresh")  # a second client joins
+    await fetch.done.wait()
+    assert fetch.committed and fetch.error is None
+    used = [{k.lower(): v for k, v in (r.request_headers or {}).items()}.get("authorization")
+            for r in relay.records if "/blobs/" in r.path_qs]
+    assert used == ["Bearer expired", "Bearer fresh"]
+    async with mirror.client() as client:
+        assert (await client.get(f"/v2/{image.repo}/blobs/{digest}")).content == data

@@ -67,7 +67,7 @@ class Blobs:
             await self.ensure_linked(repo, digest, authorization)
         self.negative.check(("blob", repo, digest))
         cache = "coalesced" if fetch is not None else "miss"
-        fetch = fetch or self.fetcher.start(repo, digest, authorization)
+        fetch = self.fetcher.start(repo, digest, authorization)  # joins (and offers the token)
         try:
             size = await fetch.started()
         except NOT_FOUND as exc:

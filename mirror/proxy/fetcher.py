@@ -26,6 +26,7 @@ from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
+from mirror.upstream import budget
 from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class BlobFetch:
         self.committed = False
         self.error: errors.RegistryError | None = None
         self.temp_path: str | None = None
+        self.work: budget.Work | None = None  # its priority on the link; promoted when a client joins
+        self.credentials: list[str] = []  # waiting clients' tokens, to continue if one expires
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
         self.done = asyncio.Event()
@@ -59,6 +62,21 @@ class BlobFetch:
         self._started.set()
         self.done.set()
         self._notify()
+
+    def offer(self, authorization: str | None) -> None:
+        """A joining client's credential, usable if the current one stops working."""
+        if authorization and authorization not in self.credentials:
+            self.credentials.append(authorization)
+
+    def next_credential(self, failed: str | None) -> str | None:
+        """The credential to continue with after `failed` was refused.
+
+        Another waiting client's token first; finally None, the node's own
+        credentials (or anonymous access).
+        """
+        if failed in self.credentials:
+            self.credentials.remove(failed)
+        return self.credentials[0] if self.credentials else None
 
     async def started(self) -> int | None:
         """Wait for upstream's headers; the blob size, or raise its error."""
@@ -117,18 +135,26 @@ class Fetcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, digest: Digest) -> BlobFetch | None:
-        """The in-flight fetch of `digest`, if any."""
-        return self.inflight.get(digest)
+        """The in-flight fetch of `digest`, if any (an on-demand caller promotes it)."""
+        fetch = self.inflight.get(digest)
+        if fetch is not None:
+            budget.promote(fetch.work)
+        return fetch
 
     def start(self, repo: str, digest: Digest, authorization: str | None = None) -> BlobFetch:
         """Join the fetch of `digest`, starting one (through `repo`) if needed."""
         fetch = self.inflight.get(digest)
         if fetch is None:
             fetch = BlobFetch(digest, repo)
+            fetch.offer(authorization)
             self.inflight[digest] = fetch
-            task = asyncio.create_task(self._run(fetch, authorization))
+            fetch.work, context = budget.context_for_task()
+            task = asyncio.create_task(self._run(fetch, authorization), context=context)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        else:
+            budget.promote(fetch.work)
+            fetch.offer(authorization)
         return fetch
 
     async def close(self) -> None:
@@ -178,6 +204,14 @@ class Fetcher:
             try:
                 await self._stream_once(fetch, writer, authorization)
                 return
+            except (errors.Unauthorized, errors.Denied):
+                # A token can expire mid-way through a long layer or a resume:
+                # go on with another waiter's token, then the node's own.
+                if authorization is None:
+                    raise
+                authorization = fetch.next_credential(authorization)
+                log.info("blob %s: credential refused at %d bytes; continuing with %s", fetch.digest,
+                         writer.written, "another client's" if authorization else "the node's own")
             except errors.Unavailable:
                 if attempt >= self.retries:
                     raise
