@@ -12,6 +12,7 @@ from mirror.api import handlers, middleware
 from mirror.auth.controller import TOKEN_PATH, install_reload
 from mirror.auth.relay import TokenRelay
 from mirror.config import Settings
+from mirror.upstream.tls import verify_setting
 from mirror.node import close_node, open_node
 from mirror.observe.accesslog import access_log_middleware
 
@@ -33,7 +34,8 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
         node = await open_node(settings, transport)
         app[handlers.NODE] = node
         install_reload(node.access)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False) as token_client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False,
+                                     verify=verify_setting()) as token_client:
             if settings.auth.token is not None and settings.mirror.auth.token_proxy:
                 relay = TokenRelay(settings.auth.token.realm, token_client)
                 app[TOKEN_RELAY] = relay

@@ -49,9 +49,27 @@ def external_base(request: web.BaseRequest, http_host: str | None, trusted: tupl
 
 
 def client_address(request: web.BaseRequest, trusted: tuple[str, ...]) -> str:
-    """The client's address: `X-Forwarded-For`'s first hop only from a trusted proxy."""
+    """The client's address, from `X-Forwarded-For` only through trusted proxies.
+
+    The header is read from the right: each hop appended by a trusted proxy is
+    skipped, and the first address a trusted proxy did not vouch for is the
+    client. A client-forged left part of the header is never believed.
+    """
     peer = request.transport.get_extra_info("peername") if request.transport else None
     address = str(peer[0]) if peer else "-"
-    if from_trusted_proxy(request, trusted):
-        return _first(request.headers.get("X-Forwarded-For")) or address
+    if not from_trusted_proxy(request, trusted):
+        return address
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        address = hop
+        if not _is_trusted(hop, trusted):
+            break
     return address
+
+
+def _is_trusted(hop: str, trusted: tuple[str, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(hop)
+    except ValueError:
+        return False
+    return any(address in network for network in _networks(trusted))

@@ -28,6 +28,7 @@ from mirror.auth.access import Access
 from mirror.auth.controller import deny
 from mirror.auth.token import bearer_token, challenge
 from mirror.proxy.singleflight import SingleFlight
+from mirror.upstream.auth import Challenge
 from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,20 @@ class ForwardAccess:
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
         authorization = request.headers.get("Authorization")
-        raw = bearer_token(authorization)
         upstream_challenge = await self.upstream.challenge()  # unknown upstream: UNAVAILABLE
         if upstream_challenge is None:
             return None  # upstream asks nobody for credentials
-        service = upstream_challenge.params.get("service", "")
+        claims: dict[str, object] = {}
+        if upstream_challenge.scheme == "basic":
+            raw = authorization if authorization and authorization.lower().startswith("basic ") else None
+        else:
+            raw = bearer_token(authorization)
         if raw is None:
-            raise self._deny(None, required, upstream_challenge, "no token")
-        claims = token_claims(raw)
-        if claims is None or not self._plausible(claims, service):
-            raise self._deny("invalid_token", required, upstream_challenge, "not a usable token")
+            raise self._deny(None, required, upstream_challenge, "no credentials")
+        if upstream_challenge.scheme != "basic":
+            claims = token_claims(raw) or {}
+            if not self._plausible(claims, upstream_challenge.params.get("service", "")):
+                raise self._deny("invalid_token", required, upstream_challenge, "not a usable token")
         key = (hashlib.sha256(raw.encode()).hexdigest(), required[0].name if required else "")
         allowed = self._cached(key)
         if allowed is None:
@@ -106,6 +111,7 @@ class ForwardAccess:
 
     @staticmethod
     def _plausible(claims: dict[str, object], service: str) -> bool:
+        """A JWT-shaped token that has not expired and is meant for upstream's service."""
         expires = claims.get("exp")
         if not isinstance(expires, int | float) or expires + LEEWAY < time.time():
             return False
@@ -134,7 +140,12 @@ class ForwardAccess:
         except errors.Unavailable:
             log.warning("cannot verify a token: upstream unreachable; denying")
             return False
-        allowed = status < 400 or status == 404
+        if status >= 500 or status == 429:
+            log.warning("cannot verify a token: upstream answered %s; denying, not remembered", status)
+            return False
+        # 404: the token was accepted, the content is just not there; 405: distribution
+        # answers HEAD on tags/list and _catalog with 405 after checking the token.
+        allowed = status < 400 or status in (404, 405)
         exp = claims.get("exp")
         lifetime = ALLOW_FOR if allowed else DENY_FOR
         if allowed and isinstance(exp, int | float):
@@ -145,8 +156,11 @@ class ForwardAccess:
         return allowed
 
     @staticmethod
-    def _deny(error: str | None, required: Sequence[Access], upstream_challenge: object,
+    def _deny(error: str | None, required: Sequence[Access], upstream_challenge: Challenge,
               reason: str) -> errors.RegistryError:
-        params = getattr(upstream_challenge, "params", {})
-        value = challenge(params.get("realm", ""), params.get("service", ""), required, error)
+        params = upstream_challenge.params
+        if upstream_challenge.scheme == "basic":
+            value = f'Basic realm="{params.get("realm", "")}"'
+        else:
+            value = challenge(params.get("realm", ""), params.get("service", ""), required, error)
         return deny(auth_access.Unauthorized(error, reason, value), required)

@@ -28,6 +28,8 @@ from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import UPSTREAM_ACCEPT
 from mirror.observe.metrics import Metrics
 from mirror.upstream.auth import Challenge, RegistryAuth
+from mirror.upstream.tls import verify_setting
+from mirror.upstream.budget import Budget, BudgetTransport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,8 +111,13 @@ class Upstream:
         self._challenge: Challenge | None = None
         self._challenge_known = False
         self.metrics: Metrics | None = None
+        self.budget = Budget.from_settings(settings)  # max_concurrency / max_bandwidth, on-demand first
+        verify = verify_setting()
+        if self.budget.enabled:
+            inner = transport or httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
+            transport = BudgetTransport(inner, self.budget)
         self._client = httpx.AsyncClient(
-            timeout=timeout, limits=limits, auth=self.auth, follow_redirects=True,
+            timeout=timeout, limits=limits, auth=self.auth, follow_redirects=True, verify=verify,
             transport=transport, headers={"User-Agent": "mirror/0.1"}, trust_env=False,
         )
 
@@ -406,4 +413,5 @@ async def _mapped() -> AsyncIterator[None]:
     except httpx.TimeoutException as exc:
         raise errors.Unavailable("upstream timed out", detail=None) from exc
     except httpx.HTTPError as exc:
+        log.debug("upstream unreachable: %r", exc)
         raise errors.Unavailable("upstream unreachable") from exc
