@@ -14,7 +14,7 @@ from aiohttp import web
 
 from mirror import __version__
 from mirror import commands as commands_registry
-from mirror.auth.keys import KeyLoadError
+from mirror.auth.access import KeyLoadError
 from mirror.config import ConfigError, Settings, load_settings
 from mirror.storage.blobstore import StoreLayoutError
 from mirror.logs import setup_logging
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_forever(settings: Settings) -> int:
     """Run the node (and its debug listener) until SIGINT/SIGTERM."""
     setup_logging(settings.log.level, settings.log.formatter)
+    _raise_nofile_limit()
     if settings.ignored_keys:
         log.warning("config keys accepted but not used by mirror: %s", ", ".join(settings.ignored_keys))
     if settings.unknown_keys:
@@ -60,10 +61,11 @@ def serve_forever(settings: Settings) -> int:
 async def _serve(settings: Settings) -> None:
     from mirror.api.debug import create_debug_app
     from mirror.api.handlers import NODE
+    from mirror.api.server import MirrorRunner
     from mirror.app import create_app
 
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    runner = MirrorRunner(app, access_log=None)  # request-header timeout, 75 s keep-alive
     await runner.setup()
     runners = [runner]
     try:
@@ -81,6 +83,19 @@ async def _serve(settings: Settings) -> None:
     finally:
         for each in reversed(runners):
             await each.cleanup()
+
+
+def _raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: connections cost descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
 
 
 async def _until_signalled() -> None:

@@ -30,6 +30,10 @@ class Unauthorized(Exception):
         self.challenge = challenge
 
 
+class KeyLoadError(Exception):
+    """Token key material could not be loaded; the message is one line naming the file."""
+
+
 class MalformedAccess(ValueError):
     """The ``access`` claim does not have distribution's shape."""
 

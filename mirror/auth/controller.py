@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -23,10 +23,12 @@ from mirror.api.external import external_base
 from mirror.api.routes import Route
 from mirror.auth import access as auth_access
 from mirror.auth.access import Access
-from mirror.auth.keys import load_trusted_keys
-from mirror.auth.token import TokenVerifier, bearer_token, challenge
+from mirror.auth.challenge import bearer_token, challenge
 from mirror.config import Settings
 from mirror.upstream.client import Upstream
+
+if TYPE_CHECKING:
+    from mirror.auth.keys import TrustedKeys
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,14 @@ class TokenAccess:
         self.upstream = upstream
         self._upstream_service: str | None = None
         self._checked_at = -UPSTREAM_RECHECK
+        from mirror.auth.token import TokenVerifier  # the crypto libraries, only when used
+
         self.verifier = TokenVerifier(token.issuer, token.service, self._load_keys(),
                                       signing_algorithms=token.signingalgorithms)
 
-    def _load_keys(self):  # type: ignore[no-untyped-def]
+    def _load_keys(self) -> TrustedKeys:
+        from mirror.auth.keys import load_trusted_keys
+
         return load_trusted_keys(self.token.rootcertbundle, self.token.jwks)
 
     def reload(self) -> None:

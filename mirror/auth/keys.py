@@ -39,8 +39,7 @@ _CURVES: dict[str, type[ec.EllipticCurve]] = {
 _CURVE_NAMES = {cls.name: jwk_name for jwk_name, cls in _CURVES.items()}
 
 
-class KeyLoadError(Exception):
-    """The key material could not be loaded; the message is one line naming the file."""
+from .access import KeyLoadError  # noqa: E402 - defined crypto-free for the CLI to catch
 
 
 # ---------------------------------------------------------------------------
