@@ -27,13 +27,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-MANIFEST_ACCEPT = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
+MANIFEST_ACCEPT = (
+    "application/vnd.oci.image.index.v1+json, "
+    "application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.list.v2+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
 )
 
 _HEADERS, _BODY, _IDLE = 0, 1, 2
@@ -45,7 +43,7 @@ class HTTPError(Exception):
 
 
 class Response:
-    __slots__ = ("status", "headers", "nbytes", "body", "digest")
+    __slots__ = ("body", "digest", "headers", "nbytes", "status")
 
     def __init__(self, status: int, headers: dict[str, str], nbytes: int, body: bytes | None,
                  digest: str | None) -> None:
@@ -89,7 +87,7 @@ class _Proto(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             self._feed(nbytes)
-        except Exception as exc:  # protocol error: fail the request, drop the connection
+        except Exception as exc:  # noqa: BLE001 - protocol error: fail the request, drop the connection
             self._fail(exc)
             if self.transport is not None:
                 self.transport.abort()
@@ -134,9 +132,7 @@ class _Proto(asyncio.BufferedProtocol):
                 if self.remaining == 0:
                     self._finish()
             elif self.state == _BODY:
-                take = n - pos
-                if take > self.remaining:
-                    take = self.remaining
+                take = min(n - pos, self.remaining)
                 chunk = view[pos : pos + take]
                 if self.hasher is not None:
                     self.hasher.update(chunk)
