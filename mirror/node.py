@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from mirror.auth.controller import AccessController, build_access
 from mirror.config import Settings
 from mirror.observe.metrics import Metrics
+from mirror.ops import Operations
 from mirror.proxy.blobs import Blobs
 from mirror.proxy.fetcher import Fetcher
 from mirror.proxy.manifests import Manifests
@@ -18,6 +19,7 @@ from mirror.proxy.tags import TagLists
 from mirror.proxy.uploads import Uploads
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
+from mirror.storage.quota import Quota
 from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class Node:
     access: AccessController
     metrics: Metrics
     uploads: Uploads
+    ops: Operations = field(init=False, repr=False)  # prewarm, notifications, keep-fresh
+    quota: Quota = field(init=False, repr=False)  # disk quota, eviction, pins, open readers
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -73,13 +77,22 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     upstream.observe(metrics)
     blobs.fetcher.metrics = metrics
     manifests.metrics = metrics
-    return Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
+    quota = Quota(settings, store, metadata, executor, metrics, blobs.fetcher)
+    blobs.fetcher.quota = quota
+    await quota.start()  # usage, space reserve; flushes access times, repairs metadata in the background
+    node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
                 access, metrics, Uploads(store, executor))
+    node.quota = quota
+    node.ops = Operations(node)
+    node.ops.start()
+    return node
 
 
 async def close_node(node: Node) -> None:
     """Stop fetches, close the pool, flush metadata, release the store."""
+    await node.ops.close()
     await node.fetcher.close()
+    await node.quota.close()
     await node.upstream.aclose()
     await node.metadata.close()
     node.executor.shutdown(wait=True)

@@ -14,6 +14,7 @@ import yaml
 from aiohttp import web
 
 from mirror.api.handlers import NODE
+from mirror.api.server import MirrorRunner
 from mirror.app import create_app
 from mirror.config import Settings, load_settings
 from mirror.node import Node
@@ -74,7 +75,7 @@ class MirrorNode:
 
     async def start(self) -> MirrorNode:
         self.config_path.write_text(yaml.safe_dump(self.config))
-        self.runner = web.AppRunner(create_app(self.settings), handler_cancellation=True)
+        self.runner = MirrorRunner(create_app(self.settings), handler_cancellation=True)  # as `mirror serve`
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         await site.start()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
 
 from tests.support.images import (
     DOCKER_CONFIG,
@@ -43,7 +42,7 @@ from tests.support.procs import (
     wait_http,
 )
 from tests.support.registry import Registry, TokenIssuer, run_registry
-from tests.support.relay import Relay, RelayRequest
+from tests.support.relay import EventSink, Relay, RelayRequest
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -490,37 +489,23 @@ async def test_registry_restart_keeps_content(client: httpx.AsyncClient, scratch
 async def test_registry_proxy_mode_and_notifications(
     registry: Registry, relay: Relay, client: httpx.AsyncClient, scratch: Path
 ) -> None:
-    # a notification sink in this test's loop
-    events: list[dict] = []
-
-    async def sink(request: web.Request) -> web.Response:
-        events.extend(json.loads(await request.read())["events"])
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/events", sink)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        img = await push_image(client, registry.url, "proxied/app", "v1")
-        notif = [{"name": "sink", "url": f"http://127.0.0.1:{port}/events"}]
-        with run_registry(scratch, proxy_remoteurl=relay.url, notifications=notif) as proxy:
-            assert proxy.config["proxy"] == {"remoteurl": relay.url}
-            r = await client.get(
-                f"{proxy.url}/v2/proxied/app/manifests/v1", headers={"Accept": DOCKER_SCHEMA2}
-            )
-            assert r.status_code == 200 and r.content == img.manifest
-            assert relay.count("GET", "/v2/proxied/app/manifests/") >= 1
-            d, blob = img.layers[0]
-            assert (await client.get(f"{proxy.url}/v2/proxied/app/blobs/{d}")).content == blob
-            # (distribution 2.8's proxy fetches a blob twice on a cold GET; >= on purpose)
-            assert relay.bytes_sent(d) >= len(blob)
-            deadline = time.monotonic() + 10
-            while not any(e.get("action") == "pull" for e in events):
-                assert time.monotonic() < deadline, events
-                await asyncio.sleep(0.02)
-    finally:
-        await runner.cleanup()
+    img = await push_image(client, registry.url, "proxied/app", "v1")
+    d, blob = img.layers[0]
+    with EventSink() as sink, run_registry(
+        scratch, proxy_remoteurl=relay.url, notifications=[sink.endpoint()]
+    ) as proxy:
+        assert proxy.config["proxy"] == {"remoteurl": relay.url}
+        r = await client.get(
+            f"{proxy.url}/v2/proxied/app/manifests/v1", headers={"Accept": DOCKER_SCHEMA2}
+        )
+        assert r.status_code == 200 and r.content == img.manifest
+        assert relay.count("GET", "/v2/proxied/app/manifests/") >= 1
+        assert (await client.get(f"{proxy.url}/v2/proxied/app/blobs/{d}")).content == blob
+        # (distribution 2.8's proxy fetches a blob twice on a cold GET; >= on purpose)
+        assert relay.bytes_sent(d) >= len(blob)
+        await sink.wait_for_async(
+            lambda e: e["action"] == "pull" and e["target"]["digest"] == img.digest
+        )
+        await sink.wait_for_async(
+            lambda e: e["action"] == "pull" and e["target"]["digest"] == d
+        )

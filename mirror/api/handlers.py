@@ -5,8 +5,10 @@ Spec: https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pull
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -19,7 +21,9 @@ from mirror.proxy.tags import paginate
 from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import parse_accept
 from mirror.registry.reference import RepositoryName, Tag, parse_reference
+from mirror.storage.quota import RETRY_AFTER, is_disk_full
 
+log = logging.getLogger(__name__)
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 #: How the request was answered: hit, miss, coalesced, revalidated, stale (access log, metrics).
 CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
@@ -86,8 +90,16 @@ async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamRe
     repo = RepositoryName.parse(params["name"]).value
     reference = parse_reference(params["reference"])
     accepted = parse_accept(request.headers.getall("Accept", []))
-    result = await _node(request).manifests.get(repo, reference, accepted, _authorization(request))
+    try:
+        result = await _node(request).manifests.get(repo, reference, accepted, _authorization(request))
+    except OSError as exc:  # storing it failed: a full disk is 503, and recovers
+        _node(request).quota.store_error(exc)
+        if is_disk_full(exc):
+            raise errors.Unavailable("the mirror's disk is full", headers=RETRY_AFTER) from exc
+        log.error("storing a manifest of %s failed: %s", repo, exc)  # EIO...: a 503 as for blobs, not a 500
+        raise errors.Unavailable("the mirror could not store this manifest", headers=RETRY_AFTER) from exc
     request[CACHE_OUTCOME] = result.cache
+    _node(request).ops.manifest_served(request, repo, reference, result)  # pull counts, pull events
     headers = {
         "Content-Type": result.media_type,
         "Docker-Content-Digest": str(result.digest),
@@ -135,13 +147,17 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
     if source.fetch is not None and "Range" in request.headers:
         source = await _after_commit(node, repo, source)
     if source.fd is not None:
-        return _send_stored(request, source)
+        return _send_stored(request, source, node.quota.hold(digest))  # never evicted while read
     assert source.fetch is not None
     response = web.StreamResponse(headers=_blob_headers(digest))
     if source.size is not None:
         response.content_length = source.size
-    return await stream_fetch(request, response, source.fetch, node.store, node.executor,
-                              node.settings.mirror.client_idle_timeout)
+    release = node.quota.hold(digest)
+    try:
+        return await stream_fetch(request, response, source.fetch, node.store, node.executor,
+                                  node.settings.mirror.client_idle_timeout)
+    finally:
+        release()
 
 
 async def _after_commit(node: Node, repo: str, source: BlobSource) -> BlobSource:
@@ -153,18 +169,21 @@ async def _after_commit(node: Node, repo: str, source: BlobSource) -> BlobSource
     return await node.blobs.open(repo, source.digest)
 
 
-def _send_stored(request: web.Request, source: BlobSource) -> web.StreamResponse:
+def _send_stored(request: web.Request, source: BlobSource, release: Callable[[], None]) -> web.StreamResponse:
     assert source.fd is not None and source.size is not None
     headers = _blob_headers(source.digest)
     try:
         byte_range = parse_range(request.headers.get("Range"), source.size)
     except errors.RegistryError:
         os.close(source.fd)
+        release()
         raise
+    idle = _node(request).settings.mirror.client_idle_timeout  # a client that stops reading is cut
     if byte_range is None:
-        return SendfileResponse(source.fd, 0, source.size, headers=headers)
+        return SendfileResponse(source.fd, 0, source.size, release, idle, headers=headers)
     headers["Content-Range"] = byte_range.content_range(source.size)
-    return SendfileResponse(source.fd, byte_range.start, byte_range.length, status=206, headers=headers)
+    return SendfileResponse(source.fd, byte_range.start, byte_range.length, release, idle, status=206,
+                            headers=headers)
 
 
 def _blob_headers(digest: Digest) -> dict[str, str]:

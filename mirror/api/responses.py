@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
+import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -23,12 +27,18 @@ class SendfileResponse(web.StreamResponse):
 
     The store opens (and checks) the object before the response starts, so
     eviction or quarantine after that point cannot change what is sent: the
-    descriptor keeps the verified inode alive.
+    descriptor keeps the verified inode alive. `release` (the quota's reader
+    count) is called once the descriptor is closed. It is sent `READ_CHUNK`
+    at a time, so a client that takes longer than `idle_timeout` to accept
+    one (it stopped reading) is cut, as readers of a fetch are.
     """
 
-    def __init__(self, fd: int, offset: int, count: int, **kwargs: object) -> None:
+    def __init__(self, fd: int, offset: int, count: int, release: Callable[[], None] | None = None,
+                 idle_timeout: float | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._fd = fd
+        self._release = release
+        self._idle_timeout = idle_timeout
         self._offset = offset
         self._count = count
         self.content_length = count
@@ -37,16 +47,26 @@ class SendfileResponse(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> object:
         if self.prepared:  # aiohttp calls prepare again after the handler chain
             return await super().prepare(request)
+        writer = None
         try:
             writer = await super().prepare(request)
             if request.method != "HEAD" and self._count and request.transport is not None:
+                loop = asyncio.get_running_loop()
                 with os.fdopen(self._fd, "rb", closefd=False) as fobj:
-                    self.sent = await asyncio.get_running_loop().sendfile(
-                        request.transport, fobj, self._offset, self._count)
+                    while self.sent < self._count and request.transport is not None:
+                        step = min(READ_CHUNK, self._count - self.sent)
+                        self.sent += await asyncio.wait_for(
+                            loop.sendfile(request.transport, fobj, self._offset + self.sent, step),
+                            self._idle_timeout)
                 await super().write_eof()
+            return writer
+        except (TimeoutError, ConnectionError):  # not reading for idle_timeout, or gone
+            _abort(request)
             return writer
         finally:
             os.close(self._fd)
+            if self._release is not None:
+                self._release()
 
 
 async def stream_fetch(request: web.Request, response: web.StreamResponse, fetch: BlobFetch,
@@ -56,34 +76,70 @@ async def stream_fetch(request: web.Request, response: web.StreamResponse, fetch
     The held-back tail is only released once the digest verified; if the
     fetch fails, the connection is aborted short of `Content-Length`. A
     client that stops reading for `idle_timeout` is cut without affecting the
-    fetch or other readers.
+    fetch or other readers. A fetch gone uncached (disk full) is read from its
+    in-memory ring from where the temp file stopped; a reader that fell behind
+    the ring is cut.
     """
     fd = open_for_read(fetch, store)
     loop = asyncio.get_running_loop()
+    # Zero-copy from the temp file when the body is not chunked: the node's
+    # memory stays flat however many clients read along (and however slowly).
+    fobj = os.fdopen(fd, "rb", closefd=False) if fd is not None and response.content_length is not None else None
     try:
         await response.prepare(request)
         offset = 0
+        response.sent = 0  # type: ignore[attr-defined]  # bytes sent, for the access log
         while True:
             limit = await fetch.readable(offset)
             if limit <= offset:
                 break
-            data = await loop.run_in_executor(executor, os.pread, fd, min(limit - offset, READ_CHUNK), offset)
+            relay = fetch.relay
+            if fobj is not None and (relay is None or offset < relay.start):
+                end = limit if relay is None else min(limit, relay.start)
+                if request.transport is None:
+                    raise ConnectionResetError("client gone")
+                sent = await asyncio.wait_for(
+                    loop.sendfile(request.transport, fobj, offset, min(end - offset, READ_CHUNK)), idle_timeout)
+                if not sent:
+                    raise errors.Unavailable("blob shorter than announced")
+                offset += sent
+                response.sent = offset  # type: ignore[attr-defined]
+                continue
+            if relay is not None and (fd is None or offset >= relay.start):
+                data = relay.read(offset, min(limit - offset, READ_CHUNK))
+            else:
+                assert fd is not None
+                end = limit if relay is None else min(limit, relay.start)
+                data = await loop.run_in_executor(executor, os.pread, fd, min(end - offset, READ_CHUNK), offset)
             if not data:
                 raise errors.Unavailable("blob shorter than announced")
             await asyncio.wait_for(response.write(data), idle_timeout)
             offset += len(data)
+            response.sent = offset  # type: ignore[attr-defined]
         await response.write_eof()
     except errors.RegistryError as exc:
         log.warning("aborting blob %s for a client after %s", fetch.digest, exc.code)
         _abort(request)
-    except (TimeoutError, ConnectionResetError):
+    except (TimeoutError, ConnectionError):
         _abort(request)
     finally:
-        os.close(fd)
+        if fobj is not None:
+            fobj.close()  # closefd=False: the descriptor is closed below
+        if fd is not None:
+            os.close(fd)
     return response
 
 
-def _abort(request: web.Request) -> None:
-    """Cut the connection so the client sees a short body, never a wrong one."""
+def _abort(request: web.BaseRequest) -> None:
+    """Cut the connection so the client sees a short body, never a wrong one.
+
+    With a zero linger the kernel resets the connection and drops what is
+    still queued for a client that stopped reading, instead of trickling it
+    out after the close (and holding the buffers) for as long as it likes.
+    """
     if request.transport is not None:
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         request.transport.abort()

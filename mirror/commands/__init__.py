@@ -10,3 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 
 ALL: list[ModuleType] = []
+
+from mirror.commands import prewarm, top  # noqa: E402  (prewarm + unpin; top)
+
+ALL += [prewarm, top]
+
+from mirror.commands import store  # (verify, gc, purge, du, stats)
+
+ALL += [store]

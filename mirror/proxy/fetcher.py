@@ -11,6 +11,9 @@ bounded whatever the blob size, and a mismatch leaves every reader short of
 
 A connection reset mid-blob resumes with a `Range` request from the bytes
 already written; the final digest still verifies the whole blob.
+
+A blob that does not fit the quota, or whose temp-file write fails because the
+disk is full, is relayed to its readers uncached (:mod:`mirror.storage.quota`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
+from mirror.storage.quota import Quota, RelayBuffer
 from mirror.upstream import budget
 from mirror.upstream.client import Upstream
 
@@ -46,6 +50,7 @@ class BlobFetch:
         self.committed = False
         self.error: errors.RegistryError | None = None
         self.temp_path: str | None = None
+        self.relay: RelayBuffer | None = None  # served uncached from memory (disk full, over quota)
         self.work: budget.Work | None = None  # its priority on the link; promoted when a client joins
         self.credentials: list[str] = []  # waiting clients' tokens, to continue if one expires
         self._started = asyncio.Event()
@@ -132,6 +137,7 @@ class Fetcher:
         self.retries = retries
         self.inflight: dict[Digest, BlobFetch] = {}
         self.metrics: Metrics | None = None
+        self.quota: Quota | None = None  # admission, reservations, disk-full relay
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, digest: Digest) -> BlobFetch | None:
@@ -172,6 +178,10 @@ class Fetcher:
             writer = await self._io(self.store.writer, fetch.digest, None)
             fetch.temp_path = str(writer.temp_path)
             await self._download(fetch, writer, authorization)
+            if fetch.relay is not None:  # served uncached: verified, nothing published
+                fetch.relay.verify(fetch.digest)
+                fetch.committed = True
+                return
             await self._io(writer.commit)
             writer = None
             fetch.committed = True
@@ -183,6 +193,8 @@ class Fetcher:
             fetch.fail(errors.Unavailable("upstream sent content that does not match the digest"))
         except OSError as exc:
             log.error("store write failed for %s: %s", fetch.digest, exc)
+            if self.quota is not None:
+                self.quota.store_error(exc)
             fetch.fail(errors.Unavailable("the mirror could not store this blob", headers={"Retry-After": "10"}))
         except asyncio.CancelledError:
             fetch.fail(errors.Unavailable("mirror shutting down"))
@@ -193,7 +205,10 @@ class Fetcher:
         finally:
             if writer is not None:
                 await self._io(writer.abort)
-            self.inflight.pop(fetch.digest, None)
+            if self.inflight.get(fetch.digest) is fetch:  # a relayed fetch left it early
+                del self.inflight[fetch.digest]
+            if self.quota is not None:
+                self.quota.finish(fetch)
             fetch.done.set()
             fetch._notify()
 
@@ -211,20 +226,24 @@ class Fetcher:
                     raise
                 authorization = fetch.next_credential(authorization)
                 log.info("blob %s: credential refused at %d bytes; continuing with %s", fetch.digest,
-                         writer.written, "another client's" if authorization else "the node's own")
+                         fetch.written, "another client's" if authorization else "the node's own")
             except errors.Unavailable:
                 if attempt >= self.retries:
                     raise
                 attempt += 1
                 delay = min(0.2 * 2**attempt, 5.0)
                 log.warning("blob %s broke at %d bytes; resuming in %.1fs (attempt %d)",
-                            fetch.digest, writer.written, delay, attempt)
+                            fetch.digest, fetch.written, delay, attempt)
                 await asyncio.sleep(delay)
 
     async def _stream_once(self, fetch: BlobFetch, writer: BlobWriter, authorization: str | None) -> None:
-        async with self.upstream.stream_blob(fetch.repo, fetch.digest, writer.written,
+        async with self.upstream.stream_blob(fetch.repo, fetch.digest, fetch.written,
                                              authorization) as stream:
             self._announce(fetch, writer, stream.total)
+            if not fetch._started.is_set():  # before any response headers: reserve, or 503
+                if self.quota is not None:
+                    await self.quota.admit(fetch, writer)
+                fetch._started.set()
             pending: list[bytes] = []
             pending_size = 0
             async for chunk in stream.chunks():
@@ -234,15 +253,14 @@ class Fetcher:
                     await self._flush(fetch, writer, pending)
                     pending, pending_size = [], 0
             await self._flush(fetch, writer, pending)
-        if fetch.size is not None and writer.written < fetch.size:
+        if fetch.size is not None and fetch.written < fetch.size:
             raise errors.Unavailable("upstream closed the blob early")
 
     def _announce(self, fetch: BlobFetch, writer: BlobWriter, total: int | None) -> None:
         """Record the size from the first response; later ranges must agree."""
-        if fetch.size is None and writer.written == 0:
+        if fetch.size is None and fetch.written == 0:
             fetch.size = total
             writer.expected_size = total
-            fetch._started.set()
         elif total is not None and fetch.size is not None and total != fetch.size:
             raise DigestMismatch(f"{fetch.digest}: resumed size {total} != {fetch.size}")
 
@@ -250,18 +268,33 @@ class Fetcher:
         if not pending:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        fetch.written = await self._io(writer.write, data)
+        if fetch.relay is not None:
+            fetch.written = fetch.relay.append(data)
+        else:
+            try:
+                fetch.written = await self._io(writer.write, data)
+            except OSError as exc:
+                if self.quota is None:
+                    raise
+                await self.quota.write_failed(fetch, writer, data, exc)  # relay when the disk is full
         fetch._notify()
         if self.metrics is not None:
             self.metrics.upstream_bytes.inc(len(data))
 
 
-def open_for_read(fetch: BlobFetch, store: BlobStore) -> int:
+def open_for_read(fetch: BlobFetch, store: BlobStore) -> int | None:
     """Open the blob being fetched: its temp file, or the object once published.
 
+    None when it is relayed from memory from its first byte (nothing on disk).
+
     Raises:
-        RegistryError: the fetch failed before anything could be read.
+        RegistryError: the fetch failed before anything could be read, or it
+            went uncached after its start (the client retries: a new fetch).
     """
+    if fetch.relay is not None:
+        if fetch.relay.first == 0:
+            return None
+        raise errors.Unavailable("the mirror is short of disk space; retry", headers={"Retry-After": "10"})
     for path in (fetch.temp_path, store.path(fetch.digest)):
         # The temp file is renamed on commit; only a verified object is ever
         # at the final path, so falling back to it is safe.

@@ -62,5 +62,5 @@ def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[st
     if n is None:
         return items[start:], False
     page = items[start:start + n]
-    return page, start + n < len(items)
+    return page, bool(page) and start + n < len(items)  # n=0: an empty page, no Link (as distribution)
 

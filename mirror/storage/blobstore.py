@@ -231,7 +231,11 @@ class BlobStore:
     def put_bytes(self, digest: Digest, data: bytes) -> Path:
         """Store small verified content (manifests) in one call."""
         writer = self.writer(digest, len(data))
-        writer.write(data)
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.abort()  # EIO, ENOSPC: no temp file left behind
+            raise
         return writer.commit()
 
     def path(self, digest: Digest) -> Path:

@@ -241,6 +241,17 @@ class Metadata:
         self._sql("DELETE FROM objects WHERE digest=?", (key,))
         self._sql("DELETE FROM links WHERE digest=?", (key,))
 
+    async def set_pinned(self, digests: list[Digest], pinned: bool) -> None:
+        """Mark objects pinned (exempt from eviction) or not (`objects.pinned`)."""
+        rows = [(int(pinned), str(d)) for d in digests]
+        await self._run(lambda: self._db.executemany(  # type: ignore[union-attr]
+            "UPDATE objects SET pinned=? WHERE digest=?", rows))
+
+    async def pinned(self, digest: Digest) -> bool:
+        """True when the object is pinned."""
+        rows = await self._run(self._sql, "SELECT pinned FROM objects WHERE digest=?", (str(digest),))
+        return bool(rows and rows[0][0])
+
     def touch(self, digest: Digest) -> None:
         """Note an access in memory; written in batches by :meth:`flush_access`."""
         self._accessed[str(digest)] = time.time()
@@ -270,3 +281,22 @@ class Metadata:
     async def all_objects(self) -> list[tuple[str, int]]:
         """(digest, size) of every recorded object (start-up repair)."""
         return await self._run(self._sql, "SELECT digest, size FROM objects")
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the worker thread, in one transaction.
+
+        For the store tools' own queries (eviction order, purge, du); they keep
+        the in-process maps right through the methods above.
+        """
+        return await self._run(self._transact_sync, fn)
+
+    def _transact_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._db is not None, "metadata not open"
+        self._db.execute("BEGIN")
+        try:
+            result = fn(self._db)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result

@@ -24,7 +24,9 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+# `(?<!\w)`: a name starts at a word boundary, so a long run of word characters
+# with no `=` costs linear time, not quadratic (a hostile 16 KiB header).
+_PARAM = re.compile(r'(?<!\w)(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 _SCOPE_PATH = re.compile(r"^/v2/(.+)/(?:manifests|blobs|tags)/")
 TOKEN_MARGIN = 30.0
 DEFAULT_TOKEN_LIFETIME = 60.0

@@ -36,6 +36,7 @@ T = TypeVar("T")
 MAX_ERROR_BODY = 64 * 1024
 MAX_TAG_LIST_BODY = 16 * 1024 * 1024
 MAX_RETRY_AFTER = 30.0
+MIN_BYTES_PER_WINDOW = 1024  # a blob stream slower than this per read_timeout is cut (a trickle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +78,26 @@ class BlobStream:
     total: int | None
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The raw body bytes (never content-decoded)."""
-        return self.response.aiter_raw()
+        """The raw body bytes (never content-decoded), at a minimum pace.
+
+        A trickle (a byte a second) never trips the per-read timeout, so less
+        than `MIN_BYTES_PER_WINDOW` within a `read_timeout` window ends the
+        stream with UNAVAILABLE too; the fetcher resumes it with a Range.
+        """
+        window = (self.response.request.extensions.get("timeout") or {}).get("read")
+        return _at_minimum_pace(self.response.aiter_raw(), window)
+
+
+async def _at_minimum_pace(chunks: AsyncIterator[bytes], window: float | None) -> AsyncIterator[bytes]:
+    started, received = time.monotonic(), 0
+    async for chunk in chunks:
+        yield chunk
+        received += len(chunk)
+        now = time.monotonic()
+        if window and now - started >= window:
+            if received < MIN_BYTES_PER_WINDOW:
+                raise errors.Unavailable(f"upstream sent {received} bytes in {now - started:.0f}s")
+            started, received = now, 0
 
 
 class Upstream:

@@ -38,6 +38,7 @@ Semantics:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -248,12 +249,7 @@ class Relay:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self._server is not None:
-            for handler in list(self._server.connections):
-                tr = handler.transport
-                if tr is not None:
-                    tr.abort()
-        await asyncio.sleep(0)  # let connection_lost callbacks run
+        await _abort_all(self._server)
 
     async def _teardown(self) -> None:
         await self._unlisten_and_reset()
@@ -568,6 +564,159 @@ class Relay:
 
 class _Cut(Exception):
     pass
+
+
+async def _abort_all(server: web.Server | None) -> None:
+    """Reset every connection of ``server``, including ones whose accept was still
+    in progress when the listener closed (asyncio finishes accepts in a task; a
+    transport left behind would surface later as an 'unclosed transport'
+    ResourceWarning from the garbage collector)."""
+    if server is None:
+        return
+    for _ in range(3):
+        await asyncio.sleep(0)  # let pending accept tasks / connection_lost run
+        for handler in list(server.connections):
+            tr = handler.transport
+            if tr is not None:
+                tr.abort()
+    await asyncio.sleep(0)
+
+
+class EventSink:
+    """Receives distribution's notification envelopes (background thread + loop).
+
+        with EventSink() as sink:
+            run_registry(..., notifications=[sink.endpoint()])
+            sink.wait_for(lambda e: e["action"] == "push")
+
+    Responses use ``Connection: close`` so no idle keep-alive connection outlives
+    the sender.
+    """
+
+    def __init__(self, port: int | None = None, path: str = "/events") -> None:
+        self.port = port if port is not None else free_port()
+        self.path = path
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._server: web.Server | None = None
+        self._listener: asyncio.AbstractServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}{self.path}"
+
+    def endpoint(self, name: str = "sink", **kw: Any) -> dict[str, Any]:
+        """An entry for ``run_registry(notifications=[...])``."""
+        return {"name": name, "url": self.url, **kw}
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._events)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._events.clear()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], n: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Poll until ``n`` events match; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            hits = [e for e in self.events if predicate(e)]
+            if len(hits) >= n:
+                return hits
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(hits)} < {n} matching events; got {self.events}")
+            time.sleep(0.01)
+
+    async def wait_for_async(
+        self, predicate: Callable[[dict[str, Any]], bool], n: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            hits = [e for e in self.events if predicate(e)]
+            if len(hits) >= n:
+                return hits
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(hits)} < {n} matching events; got {self.events}")
+            await asyncio.sleep(0.01)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        resp = web.Response(status=200)
+        resp.force_close()
+        if request.method == "POST" and request.path == self.path:
+            try:
+                events = json.loads(body).get("events", [])
+            except ValueError:
+                return web.Response(status=400)
+            with self._lock:
+                self._events.extend(events)
+        return resp
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            try:
+
+                async def setup() -> None:
+                    self._server = web.Server(self._handle, access_log=None)
+                    self._listener = await loop.create_server(
+                        self._server, LOOPBACK, self.port, reuse_address=True
+                    )
+
+                loop.run_until_complete(setup())
+            except BaseException as e:
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._loop = None
+
+    def start(self) -> EventSink:
+        self._thread = threading.Thread(target=self._run, name=f"sink-{self.port}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            self._thread.join(5)
+            self._thread = None
+            raise RuntimeError(f"event sink failed to start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def teardown() -> None:
+            if self._listener is not None:
+                self._listener.close()
+            await _abort_all(self._server)
+            if self._server is not None:
+                await self._server.shutdown(1.0)
+
+        try:
+            asyncio.run_coroutine_threadsafe(teardown(), loop).result(10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> EventSink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class run_relay:

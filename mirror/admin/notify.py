@@ -1,0 +1,35 @@
+"""Admin API: `POST /admin/notify`, distribution's notification endpoint.
+
+Point the central registry's `notifications.endpoints` here (the debug
+listener, `http.debug.addr`); with `mirror.admin.token` set, the endpoint
+config carries it: `headers: {Authorization: [Bearer <token>]}`. The body is
+distribution's envelope (`application/vnd.docker.distribution.events.v1+json`,
+`{"events": [...]}`); it is acted on in the background, so the answer (200,
+with counts) comes at once and the registry's delivery `timeout` is never hit.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror import errors
+from mirror.api.handlers import NODE
+from mirror.ops.notify import HOPS_HEADER
+
+MAX_BODY = 16 * 1024 * 1024
+
+
+async def notify(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise errors.RegistryError("notification envelope too large", status=413)
+    body = await request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise errors.RegistryError("notification envelope too large", status=413)
+    raw_hops = request.headers.get(HOPS_HEADER, "0")
+    hops = int(raw_hops) if raw_hops.isdigit() else 0
+    counts = request.app[NODE].ops.notifications.receive(body, hops)
+    return web.json_response(counts)
+
+
+def routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/admin/notify", notify)

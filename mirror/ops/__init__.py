@@ -1,0 +1,109 @@
+"""Operating the cache: prewarm, notifications in and out, popular tags kept warm.
+
+:class:`Operations` is built once per node (`node.ops`) and owns the
+background parts: the prewarm jobs (:mod:`.prewarm`), the push-notification
+receiver (:mod:`.notify`), the pull-event sinks (:mod:`.events`) and the pull
+counts with the keep-fresh loop (:mod:`.popularity`). The manifest handler
+reports every manifest it serves through :meth:`Operations.manifest_served`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from mirror.api.external import client_address, external_base
+from mirror.ops.events import PullEvents, source
+from mirror.ops.notify import Notifications
+from mirror.ops.popularity import KeepFresh, Popularity
+from mirror.ops.prewarm import Warmer
+from mirror.registry.digest import Digest
+from mirror.registry.reference import Tag
+from mirror.storage import quota
+
+if TYPE_CHECKING:
+    from mirror.node import Node
+    from mirror.proxy.manifests import ManifestResult
+
+log = logging.getLogger(__name__)
+
+#: Cache outcomes for which a pull event is sent: upstream did not see a GET.
+EVENT_OUTCOMES = frozenset({"hit", "revalidated", "stale"})
+
+
+class Operations:
+    """The node's operator-facing background services."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        settings = node.settings
+        self.instance_id = str(uuid.uuid4())
+        self.warmer = Warmer(node, pin=self.pin)
+        self.jobs = self.warmer.jobs
+        self.notifications = Notifications(node, self.warmer)
+        self.events = PullEvents(settings.notifications, source(settings.http.bind, self.instance_id),
+                                 node.metrics.registry)
+        self.popularity = Popularity(settings.metadata_dir / "popularity.json")
+        prefetch = settings.mirror.prefetch
+        self.keep_fresh = KeepFresh(self.popularity, prefetch.keep_fresh, prefetch.interval,
+                                    self.warmer.refresh_tag)
+
+    def start(self) -> None:
+        """Start the background loops (inside the running event loop)."""
+        self.popularity.load()
+        self.events.start()
+        self.keep_fresh.start()
+
+    async def close(self) -> None:
+        await self.keep_fresh.close()
+        await self.notifications.close()
+        await self.jobs.close()
+        await self.events.close()
+        self.popularity.save()
+
+    # -- the manifest handler's hook ---------------------------------------------
+
+    def manifest_served(self, request: web.Request, repo: str, reference: Tag | Digest,
+                        result: ManifestResult) -> None:
+        """Count a pull by tag; send a pull event for a GET upstream did not see."""
+        tag = reference.value if isinstance(reference, Tag) else None
+        if tag is not None:
+            self.popularity.record(repo, tag)
+        if request.method != "GET" or not self.events.enabled or result.cache not in EVENT_OUTCOMES:
+            return
+        try:
+            self.events.pulled(repository=repo, digest=str(result.digest), media_type=result.media_type,
+                               size=len(result.raw), tag=tag, url=self._url(request, repo, result),
+                               request=self._request(request))
+        except Exception:  # never fail a pull over its notification
+            log.exception("could not queue a pull event")
+
+    def _url(self, request: web.Request, repo: str, result: ManifestResult) -> str:
+        mirror = self.node.settings.mirror
+        base = external_base(request, self.node.settings.http.host, mirror.trusted_proxies)
+        return f"{base}/v2/{repo}/manifests/{result.digest}"
+
+    def _request(self, request: web.Request) -> dict[str, str]:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        addr = client_address(request, self.node.settings.mirror.trusted_proxies)
+        if peer and addr == str(peer[0]):
+            addr = f"{peer[0]}:{peer[1]}"
+        return {
+            "id": request.headers.get("X-Request-Id", "")[:64] or str(uuid.uuid4()),
+            "addr": addr,
+            "host": request.host,
+            "method": request.method,
+            "useragent": request.headers.get("User-Agent", ""),
+        }
+
+    # -- pins (mirror.storage.quota keeps pinned objects from eviction) --------------------
+
+    async def pin(self, digests: list[Digest]) -> None:
+        """Exempt these objects from eviction."""
+        await quota.pin(self.node, digests, "prewarm --pin")
+
+    async def unpin(self, digests: list[Digest]) -> None:
+        await quota.unpin(self.node, digests, "unpin")

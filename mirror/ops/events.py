@@ -1,0 +1,186 @@
+"""Pull events out: distribution-format `pull` notifications for what the node serves.
+
+With `notifications.endpoints` configured, every manifest GET answered
+without a GET upstream (cache outcome `hit`, `revalidated` or `stale`; a
+`miss` is not sent because upstream served that GET and emits its own event)
+becomes one event in distribution's format, delivered as distribution
+delivers them: an envelope `{"events": [...]}` of media type
+`application/vnd.docker.distribution.events.v1+json`, POSTed with the
+endpoint's `headers` and `timeout`. A 2xx/3xx answer is success. After
+`threshold` consecutive failures the sink backs off `backoff` between
+attempts, and retries the same envelope until it is delivered (as
+distribution's retrying sink does).
+
+Unlike distribution, the queue in front of each endpoint is bounded
+(:data:`QUEUE_LIMIT` events): when an endpoint stays down, new events are
+dropped, counted in `mirror_notification_events_dropped_total{endpoint}` and
+logged, and memory stays bounded. Events still queued at shutdown are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter
+
+from mirror.config import NotificationEndpoint
+
+log = logging.getLogger(__name__)
+
+EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
+QUEUE_LIMIT = 10_000
+BATCH = 100  # events per envelope at most
+
+
+def timestamp() -> str:
+    """Now in RFC 3339 with nanoseconds, as Go's time.Time marshals."""
+    now = time.time_ns()
+    whole = datetime.fromtimestamp(now // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{whole}.{now % 1_000_000_000:09d}Z"
+
+
+def source(addr: tuple[str, int], instance_id: str) -> dict[str, str]:
+    """distribution's `source`: the node's `hostname:port` and instance id."""
+    return {"addr": f"{socket.gethostname()}:{addr[1]}", "instanceID": instance_id}
+
+
+class EventMetrics:
+    """Counters of the pull-event sinks, registered in the node's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sent = Counter("mirror_notification_events_sent", "Pull events delivered",
+                            ["endpoint"], registry=registry)
+        self.dropped = Counter("mirror_notification_events_dropped",
+                               "Pull events dropped (queue full)", ["endpoint"], registry=registry)
+        self.failures = Counter("mirror_notification_failures", "Failed deliveries to an endpoint",
+                                ["endpoint"], registry=registry)
+
+
+class EndpointSink:
+    """One endpoint: a bounded queue and one sender with distribution's retry semantics."""
+
+    def __init__(self, endpoint: NotificationEndpoint, metrics: EventMetrics,
+                 limit: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.metrics = metrics
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=limit or QUEUE_LIMIT)
+        self.failures = 0
+        self.last_failure = 0.0
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+        headers = [(name, value) for name, values in endpoint.headers.items() for value in values]
+        headers.append(("Content-Type", EVENTS_MEDIA_TYPE))
+        self._client = httpx.AsyncClient(timeout=endpoint.timeout, headers=headers, trust_env=False,
+                                         follow_redirects=False)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"events-{self.endpoint.name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.aclose()
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        """False for events this endpoint's `ignore` settings exclude."""
+        if event["action"] in self.endpoint.ignore_actions:
+            return False
+        return event["target"].get("mediaType") not in self.endpoint.ignoredmediatypes
+
+    def offer(self, event: dict[str, Any]) -> None:
+        """Queue an event, or drop and count it when the queue is full."""
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self.metrics.dropped.labels(self.endpoint.name).inc()
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("notification endpoint %s: queue full, %d pull events dropped so far",
+                            self.endpoint.name, self.dropped)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            body = json.dumps({"events": batch}).encode()
+            await self._deliver(body)
+            self.metrics.sent.labels(self.endpoint.name).inc(len(batch))
+
+    async def _deliver(self, body: bytes) -> None:
+        """Send until accepted; back off after `threshold` consecutive failures."""
+        while True:
+            if self.failures >= self.endpoint.threshold:
+                wait = self.last_failure + self.endpoint.backoff - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            try:
+                response = await self._client.post(self.endpoint.url, content=body)
+                if 200 <= response.status_code < 400:
+                    self.failures = 0
+                    return
+                problem = f"status {response.status_code}"
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            self.failures += 1
+            self.last_failure = time.monotonic()
+            self.metrics.failures.labels(self.endpoint.name).inc()
+            if self.failures == self.endpoint.threshold:
+                log.warning("notification endpoint %s failing (%s): backing off %.1fs between attempts",
+                            self.endpoint.name, problem, self.endpoint.backoff)
+            else:
+                log.debug("notification endpoint %s: %s", self.endpoint.name, problem)
+            await asyncio.sleep(0)
+
+
+class PullEvents:
+    """Builds pull events and hands them to every configured endpoint."""
+
+    def __init__(self, endpoints: tuple[NotificationEndpoint, ...], source: dict[str, str],
+                 registry: CollectorRegistry) -> None:
+        self.source = source
+        metrics = EventMetrics(registry)
+        self.sinks = [EndpointSink(e, metrics) for e in endpoints if not e.disabled and e.url]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sinks)
+
+    def start(self) -> None:
+        for sink in self.sinks:
+            sink.start()
+
+    async def close(self) -> None:
+        for sink in self.sinks:
+            await sink.close()
+
+    def pulled(self, *, repository: str, digest: str, media_type: str, size: int, tag: str | None,
+               url: str, request: dict[str, str], actor: str | None = None) -> None:
+        """One manifest pull served by this node."""
+        if not self.sinks:
+            return
+        target: dict[str, Any] = {"mediaType": media_type, "size": size, "digest": digest,
+                                  "length": size, "repository": repository, "url": url}
+        if tag:
+            target["tag"] = tag
+        event = {
+            "id": str(uuid.uuid4()),
+            "timestamp": timestamp(),
+            "action": "pull",
+            "target": target,
+            "request": request,
+            "actor": {"name": actor} if actor else {},
+            "source": self.source,
+        }
+        for sink in self.sinks:
+            if sink.wants(event):
+                sink.offer(event)

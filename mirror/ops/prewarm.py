@@ -1,0 +1,452 @@
+"""Prewarm: put images in the cache before anyone pulls them.
+
+A prewarm job takes image references (`repo:tag`, `repo@digest`), resolves
+each through the node's own manifest service (so a tag is cached as a pull
+would cache it), expands an index to the children of the requested platforms
+(`linux/amd64` by default, a comma list, or `all`), and fetches every config
+and layer not already stored through the node's own fetcher, at most
+:data:`BLOB_CONCURRENCY` blobs at once across all jobs. Because it goes
+through the same services, a client pulling the same image meanwhile joins
+the same downloads, and nothing stored is fetched again.
+
+Jobs run as background work (:mod:`mirror.upstream.budget`): on-demand pulls
+go first on the link. Their progress (blobs and bytes done/total, errors,
+state) is kept in memory for the last :data:`KEEP_JOBS` jobs.
+
+The same machinery refreshes a tag (:meth:`Warmer.refresh_tag`) for push
+notifications and keep-fresh: HEAD upstream, fetch what moved, then point
+the tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mirror import errors
+from mirror.proxy.fetcher import BlobFetch
+from mirror.proxy.negative import NOT_FOUND
+from mirror.registry import manifest as manifests
+from mirror.registry.digest import Digest, is_digest
+from mirror.registry.reference import RepositoryName, Tag
+from mirror.upstream.budget import background
+
+if TYPE_CHECKING:
+    from mirror.node import Node
+    from mirror.proxy.manifests import ManifestResult
+
+log = logging.getLogger(__name__)
+
+BLOB_CONCURRENCY = 4
+KEEP_JOBS = 100
+DEFAULT_PLATFORM = "linux/amd64"
+DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+
+Pin = Callable[[list[Digest]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """A parsed image reference: repository plus tag or digest."""
+
+    text: str
+    repo: str
+    tag: str | None = None
+    digest: Digest | None = None
+
+    @property
+    def reference(self) -> str:
+        return str(self.digest) if self.digest is not None else str(self.tag)
+
+
+def parse_image(text: str, namespaces: frozenset[str] = frozenset()) -> ImageRef:
+    """`[host/]repo[:tag][@digest]` as docker writes it; the tag defaults to `latest`.
+
+    A leading registry host is accepted only when it names this node's
+    upstream (`namespaces`); a one-component name on Docker Hub gets its
+    `library/` prefix, as docker adds it.
+
+    Raises:
+        NameInvalid, TagInvalid, DigestInvalid: the reference is malformed.
+    """
+    rest = text.strip()
+    digest = None
+    if "@" in rest:
+        rest, _, raw_digest = rest.partition("@")
+        if not is_digest(raw_digest):
+            raise errors.DigestInvalid(f"invalid digest in {text!r}")
+        digest = Digest.parse(raw_digest)
+    tag = None
+    slash, colon = rest.rfind("/"), rest.rfind(":")
+    if colon > slash:
+        rest, tag = rest[:colon], rest[colon + 1:]
+        Tag.parse(tag)
+    first, sep, remainder = rest.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        if first.lower() not in namespaces:
+            raise errors.NameInvalid(f"{text!r} names registry {first!r}, not this mirror's upstream")
+        rest = remainder
+    if "/" not in rest and namespaces & DOCKER_HUB_HOSTS:
+        rest = f"library/{rest}"
+    repo = RepositoryName.parse(rest).value
+    if digest is None and tag is None:
+        tag = "latest"
+    return ImageRef(text, repo, tag, digest)
+
+
+def parse_platforms(value: str | None) -> list[manifests.Platform] | None:
+    """`linux/amd64`, `linux/amd64,linux/arm64/v8` or `all` (None: every platform).
+
+    Raises:
+        ValueError: a platform is not `os/arch[/variant]`.
+    """
+    value = (value or DEFAULT_PLATFORM).strip()
+    if value == "all":
+        return None
+    return [manifests.Platform.parse(p.strip()) for p in value.split(",") if p.strip()]
+
+
+@dataclass
+class Job:
+    """One prewarm job and its progress."""
+
+    id: str
+    images: list[str]
+    platform: str
+    pin: bool
+    kind: str = "prewarm"
+    state: str = "queued"  # queued, running, done, failed (done with errors), cancelled
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    manifests: int = 0
+    blobs_total: int = 0
+    blobs_done: int = 0
+    blobs_cached: int = 0
+    bytes_total: int = 0
+    bytes_completed: int = 0
+    bytes_fetched: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    resolved: list[dict[str, Any]] = field(default_factory=list)
+    active: dict[Digest, BlobFetch] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    _seen: set[tuple[str, Digest]] = field(default_factory=set)
+
+    def add_blob(self, repo: str, digest: Digest, size: int) -> bool:
+        """Count a blob of a repository into the totals once; False when already counted."""
+        if (repo, digest) in self._seen:
+            return False
+        self._seen.add((repo, digest))
+        self.blobs_total += 1
+        self.bytes_total += size
+        return True
+
+    def blob_done(self, size: int, fetched: int = 0, cached: bool = False) -> None:
+        self.blobs_done += 1
+        self.bytes_completed += size
+        self.bytes_fetched += fetched
+        if cached:
+            self.blobs_cached += 1
+
+    def error(self, image: str, message: str, digest: Digest | None = None) -> None:
+        entry = {"image": image, "error": message}
+        if digest is not None:
+            entry["digest"] = str(digest)
+        self.errors.append(entry)
+
+    @property
+    def bytes_done(self) -> int:
+        in_flight = sum(min(f.written, f.size or f.written) for f in self.active.values())
+        return self.bytes_completed + in_flight
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "state": self.state, "images": self.images,
+            "platform": self.platform, "pin": self.pin, "created": self.created,
+            "started": self.started, "finished": self.finished, "manifests": self.manifests,
+            "blobs_total": self.blobs_total, "blobs_done": self.blobs_done,
+            "blobs_cached": self.blobs_cached, "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done, "bytes_fetched": self.bytes_fetched,
+            "errors": self.errors, "resolved": self.resolved,
+        }
+
+
+class Jobs:
+    """The node's recent jobs, by id (bounded)."""
+
+    def __init__(self, keep: int = KEEP_JOBS) -> None:
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def add(self, job: Job) -> Job:
+        self._jobs[job.id] = job
+        while len(self._jobs) > self.keep:
+            oldest = next((j for j in self._jobs.values() if j.finished is not None), None)
+            if oldest is None:
+                break
+            del self._jobs[oldest.id]
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    async def close(self) -> None:
+        tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Warmer:
+    """Fetches manifests and blobs ahead of clients, through the node's services."""
+
+    def __init__(self, node: Node, pin: Pin | None = None) -> None:
+        self.node = node
+        self.pin = pin
+        self.jobs = Jobs()
+        self._blob_slots = asyncio.Semaphore(BLOB_CONCURRENCY)
+
+    # -- jobs -----------------------------------------------------------------
+
+    def submit(self, images: list[str], platform: str | None = None, pin: bool = False) -> Job:
+        """Validate and start a prewarm job.
+
+        Raises:
+            RegistryError: an image reference or the platform is malformed.
+        """
+        refs = [parse_image(text, self.node.namespaces) for text in images]
+        try:
+            platforms = parse_platforms(platform)
+        except ValueError as exc:
+            raise errors.RegistryError(str(exc), status=400) from exc
+        job = Job(secrets.token_hex(8), [r.text for r in refs], platform or DEFAULT_PLATFORM, pin)
+        with background():
+            job.task = asyncio.create_task(self._run_job(job, refs, platforms), name=f"prewarm-{job.id}")
+        return self.jobs.add(job)
+
+    def cancel(self, job: Job) -> None:
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+
+    async def _run_job(self, job: Job, refs: list[ImageRef],
+                       platforms: list[manifests.Platform] | None, *, blobs: bool = True) -> None:
+        job.state, job.started = "running", time.time()
+        try:
+            plans = []
+            for ref in refs:
+                plan = await self._resolve(job, ref, platforms)
+                if plan is not None:
+                    plans.append(plan)
+            if blobs:
+                await asyncio.gather(*(self._warm_blob(job, ref, d) for ref, _, wanted in plans
+                                       for d in wanted))
+            if job.pin and self.pin is not None:
+                pinned = [d for _, listed, wanted in plans for d in (*listed, *(b.digest for b in wanted))]
+                try:
+                    await self.pin(pinned)
+                except Exception as exc:
+                    log.exception("pinning prewarmed images failed")
+                    job.error("*", f"pinning failed: {exc}")
+            job.state = "failed" if job.errors else "done"
+        except asyncio.CancelledError:
+            job.state = "cancelled"
+            raise
+        except Exception as exc:  # a bug: the job ends failed, visibly
+            log.exception("prewarm job %s failed", job.id)
+            job.error("*", f"internal error: {exc}")
+            job.state = "failed"
+        finally:
+            job.finished = time.time()
+            job.active.clear()
+            log.info("prewarm job %s %s: %d blobs (%d cached), %d bytes fetched, %d errors", job.id,
+                     job.state, job.blobs_done, job.blobs_cached, job.bytes_fetched, len(job.errors))
+
+    async def _resolve(self, job: Job, ref: ImageRef, platforms: list[manifests.Platform] | None
+                       ) -> tuple[ImageRef, list[Digest], list[manifests.Descriptor]] | None:
+        """The manifests (fetched now) and blobs (counted into the totals) of one image."""
+        try:
+            top = await self._manifest(ref.repo, ref.tag, ref.digest)
+            listed, images = await self.expand(ref.repo, top, platforms)
+        except errors.RegistryError as exc:
+            job.error(ref.text, f"{exc.code}: {exc.message}")
+            return None
+        except Exception as exc:
+            log.exception("resolving %s failed", ref.text)
+            job.error(ref.text, str(exc))
+            return None
+        job.manifests += len(listed)
+        blobs = []
+        for image in images:
+            for descriptor in image.blobs():
+                if job.add_blob(ref.repo, descriptor.digest, descriptor.size):
+                    blobs.append(descriptor)
+        job.resolved.append({"image": ref.text, "repository": ref.repo, "digest": str(top.digest),
+                             "mediaType": top.media_type, "manifests": [str(d) for d in listed]})
+        return ref, listed, blobs
+
+    async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
+        if digest is not None:
+            return await self.node.manifests.by_digest(repo, digest)
+        assert tag is not None
+        return await self.node.manifests.by_tag(repo, tag)
+
+    async def expand(self, repo: str, top: ManifestResult, platforms: list[manifests.Platform] | None
+                     ) -> tuple[list[Digest], list[manifests.Manifest]]:
+        """Every manifest digest to keep and the image manifests to fetch blobs for.
+
+        An index is expanded to its children for `platforms` (None: all of
+        them); an image manifest is taken as it is.
+        """
+        parsed = manifests.parse(top.raw, top.media_type)
+        if not parsed.is_index:
+            return [top.digest], [parsed]
+        listed, images = [top.digest], []
+        for child in parsed.children:
+            if platforms is not None and not any(
+                    child.platform is not None and p.matches(child.platform) for p in platforms):
+                continue
+            result = await self.node.manifests.by_digest(repo, child.digest)
+            listed.append(result.digest)
+            child_manifest = manifests.parse(result.raw, result.media_type)
+            if not child_manifest.is_index:
+                images.append(child_manifest)
+        return listed, images
+
+    async def _warm_blob(self, job: Job, ref: ImageRef, descriptor: manifests.Descriptor) -> None:
+        async with self._blob_slots:
+            try:
+                cached, fetched = await self.fetch_blob(ref.repo, descriptor.digest, job)
+            except errors.RegistryError as exc:
+                job.error(ref.text, f"{exc.code}: {exc.message}", descriptor.digest)
+                return
+            job.blob_done(descriptor.size, fetched, cached)
+
+    async def fetch_blob(self, repo: str, digest: Digest, job: Job | None = None) -> tuple[bool, int]:
+        """Make sure `digest` is stored and linked to `repo`.
+
+        Returns:
+            (True, 0) when it was already stored, else (False, bytes this call
+            fetched: 0 when it joined a download already running).
+
+        Raises:
+            RegistryError: the fetch failed.
+        """
+        node = self.node
+        record = await node.metadata.get_object(digest)
+        if record is not None:
+            size = await asyncio.get_running_loop().run_in_executor(node.executor, node.store.size, digest)
+            if size == record.size:
+                await node.blobs.ensure_linked(repo, digest)
+                return True, 0
+        joined = node.fetcher.get(digest) is not None  # a client's (or another job's) download
+        fetch = node.fetcher.start(repo, digest)
+        if job is not None:
+            job.active[digest] = fetch
+        try:
+            await fetch.done.wait()
+        finally:
+            if job is not None:
+                job.active.pop(digest, None)
+        if fetch.error is not None and not fetch.committed:
+            raise fetch.error
+        if fetch.relay is not None:  # relayed to its readers uncached (quota, disk full)
+            raise errors.Unavailable("the blob could not be cached (store quota or disk full)")
+        if fetch.repo != repo:
+            await node.blobs.ensure_linked(repo, digest)
+        return False, 0 if joined else fetch.written
+
+    # -- refresh (notifications, keep-fresh) ----------------------------------------
+
+    async def warm_digest(self, repo: str, digest: Digest,
+                          platforms: list[manifests.Platform] | None = None, *,
+                          blobs: bool = True) -> Job:
+        """Fetch a manifest by digest and what it needs (a job not listed)."""
+        job = Job(secrets.token_hex(8), [f"{repo}@{digest}"], "all" if platforms is None else
+                  ",".join(map(str, platforms)), False, kind="prefetch")
+        ref = ImageRef(job.images[0], repo, None, digest)
+        await self._run_job(job, [ref], platforms, blobs=blobs)
+        return job
+
+    async def warmed_platforms(self, repo: str, digest: Digest | None) -> list[manifests.Platform] | None:
+        """The platforms of `digest` (an index) this node holds: what to warm of its successor.
+
+        None (warm every platform) when the old version is unknown or not an index.
+        """
+        if digest is None:
+            return None
+        record = await self.node.metadata.get_object(digest)
+        if record is None or record.media_type is None:
+            return None
+        try:
+            old = await self.node.manifests.by_digest(repo, digest)
+            parsed = manifests.parse(old.raw, old.media_type)
+        except (errors.RegistryError, ValueError):
+            return None
+        if not parsed.is_index:
+            return None
+        held = []
+        for child in parsed.children:
+            if child.platform is not None and await self.node.metadata.get_object(child.digest) is not None:
+                held.append(child.platform)
+        return held or None
+
+    async def refresh_tag(self, repo: str, tag: str, *, expect: Digest | None = None,
+                          settle: float = 0.0, warm: bool = True) -> dict[str, Any]:
+        """Re-resolve a tag upstream (HEAD); fetch what moved, then point the tag.
+
+        Args:
+            expect: a digest the tag is said to have moved to (a push
+                event). Upstream may not show it yet (distribution sends the
+                event before it moves the tag), so HEADs are retried for up to
+                `settle` seconds until upstream shows `expect` or anything
+                other than the digest cached before.
+            warm: fetch the new version's blobs too, not only its manifests
+                (an index's children: the platforms of the old version this
+                node held, all platforms if unknown).
+
+        Returns:
+            What happened: `{"digest", "previous", "changed"}`.
+        """
+        node = self.node
+        record = await node.metadata.get_tag(repo, tag)
+        previous = record.digest if record is not None else None
+        deadline = time.monotonic() + settle
+        delay = 0.1
+        while True:
+            try:
+                head = await node.upstream.head_manifest(repo, tag)
+            except NOT_FOUND:  # a new tag may not be there yet either
+                head = None
+            settled = head is not None and (expect is None or head.digest == expect
+                                            or (previous is not None and head.digest != previous))
+            if settled or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        if head is None:
+            if record is not None:
+                await node.metadata.delete_tag(repo, tag)
+            return {"digest": None, "previous": str(previous) if previous else None,
+                    "changed": record is not None}
+        digest = head.digest
+        if digest == previous:
+            assert record is not None
+            await node.manifests.set_tag(repo, tag, digest, record.media_type)
+            return {"digest": str(digest), "previous": str(previous), "changed": False}
+        platforms = await self.warmed_platforms(repo, previous)
+        result = await node.manifests.by_digest(repo, digest)
+        job = await self.warm_digest(repo, digest, platforms, blobs=warm)
+        if job.errors:
+            log.warning("prefetch of %s@%s: %s", repo, digest, job.errors)
+        await node.manifests.set_tag(repo, tag, digest, result.media_type)
+        log.info("tag %s:%s now %s (was %s)", repo, tag, digest, previous)
+        return {"digest": str(digest), "previous": str(previous) if previous else None, "changed": True}
