@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,18 @@ from mirror.config import Settings, load_settings
 from mirror.node import Node
 from tests.support.registry import Registry, run_registry
 from tests.support.relay import Relay
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_at_teardown() -> Iterator[None]:
+    """Run finalizers at a safe point, between tests.
+
+    A ResourceWarning (made an error by filterwarnings) raised by the garbage
+    collector in the middle of an import trips CPython 3.11.7's "AST
+    constructor recursion depth mismatch" (gh-106905).
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

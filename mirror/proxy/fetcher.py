@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,7 +36,7 @@ from mirror.upstream.client import Upstream
 log = logging.getLogger(__name__)
 
 HOLD_BACK = 64 * 1024
-WRITE_BATCH = 64 * 1024
+WRITE_BATCH = 256 * 1024
 
 
 class BlobFetch:
@@ -244,21 +244,52 @@ class Fetcher:
                 if self.quota is not None:
                     await self.quota.admit(fetch, writer)
                 fetch._started.set()
-            pending: list[bytes] = []
-            pending_size = 0
-            async for chunk in stream.chunks():
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_BATCH:
-                    await self._flush(fetch, writer, pending)
-                    pending, pending_size = [], 0
-            await self._flush(fetch, writer, pending)
+            await self._pump(fetch, writer, stream.chunks())
         if fetch.size is not None and fetch.written < fetch.size:
             raise errors.Unavailable("upstream closed the blob early")
+
+    async def _pump(self, fetch: BlobFetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
+        """Network to disk with one batch written while the next is read.
+
+        At most two batches are in memory; writes stay in order (each waits
+        for the previous), and a failure waits for the write in progress so
+        `fetch.written` is exact before a resume asks for the rest.
+        """
+        pending: list[bytes] = []
+        pending_size = 0
+        flushing: asyncio.Future[None] | None = None
+        try:
+            try:
+                async for chunk in chunks:
+                    pending.append(chunk)
+                    pending_size += len(chunk)
+                    if pending_size >= WRITE_BATCH:
+                        if flushing is not None:
+                            await flushing
+                        flushing = asyncio.ensure_future(self._flush(fetch, writer, pending))
+                        pending, pending_size = [], 0
+            except errors.Unavailable:
+                # The stream broke: keep every byte received, so the resume's
+                # Range starts exactly where upstream stopped.
+                if flushing is not None:
+                    await flushing
+                await self._flush(fetch, writer, pending)
+                raise
+            if flushing is not None:
+                await flushing
+            await self._flush(fetch, writer, pending)
+        finally:
+            if flushing is not None and not flushing.done():
+                await asyncio.wait([flushing])
+            if flushing is not None and flushing.done() and not flushing.cancelled():
+                flushing.exception()  # retrieved; raised above when it mattered
 
     def _announce(self, fetch: BlobFetch, writer: BlobWriter, total: int | None) -> None:
         """Record the size from the first response; later ranges must agree."""
         if fetch.size is None and fetch.written == 0:
+            if total == 0 and fetch.digest != Digest.of(b"", fetch.digest.algorithm):
+                # An empty body has no tail to hold back: readers would get it whole.
+                raise DigestMismatch(f"{fetch.digest}: upstream announced an empty body")
             fetch.size = total
             writer.expected_size = total
         elif total is not None and fetch.size is not None and total != fetch.size:

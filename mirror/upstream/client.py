@@ -90,14 +90,15 @@ class BlobStream:
 
 async def _at_minimum_pace(chunks: AsyncIterator[bytes], window: float | None) -> AsyncIterator[bytes]:
     started, received = time.monotonic(), 0
-    async for chunk in chunks:
-        yield chunk
-        received += len(chunk)
-        now = time.monotonic()
-        if window and now - started >= window:
-            if received < MIN_BYTES_PER_WINDOW:
-                raise errors.Unavailable(f"upstream sent {received} bytes in {now - started:.0f}s")
-            started, received = now, 0
+    async with _mapped():  # a broken stream is UNAVAILABLE where the fetcher reads it
+        async for chunk in chunks:
+            yield chunk
+            received += len(chunk)
+            now = time.monotonic()
+            if window and now - started >= window:
+                if received < MIN_BYTES_PER_WINDOW:
+                    raise errors.Unavailable(f"upstream sent {received} bytes in {now - started:.0f}s")
+                started, received = now, 0
 
 
 class Upstream:
