@@ -185,6 +185,7 @@ class Fetcher:
             await self._io(writer.commit)
             writer = None
             fetch.committed = True
+            fetch._notify()  # readers finish now; the metadata records follow
             await self.on_commit(fetch)
         except errors.RegistryError as exc:
             fetch.fail(exc)
