@@ -74,3 +74,42 @@ def test_no_config_is_a_docker_hub_mirror_on_5000_under_data(tmp_path: Path) -> 
         log = process.log_text()
     assert "https://registry-1.docker.io" in log
     assert (tmp_path / "data" / "mirror-store.json").exists()
+
+
+def test_serves_tls_directly_with_tls_1_2_or_newer(tmp_path: Path) -> None:
+    """`http.tls`: the node terminates TLS itself; TLS 1.1 and older are refused."""
+    import ssl
+
+    from tests.support.nginx import make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    config = seed_with_proxy(tmp_path, "public-internal.yml")
+    config.write_text(config.read_text().replace(
+        "http:\n", f"http:\n  tls:\n    certificate: {tls.cert}\n    key: {tls.key}\n", 1))
+    port = free_port()
+    env = {**os.environ, "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}", "REGISTRY_HTTP_DEBUG_ADDR": ""}
+    with ManagedProcess([sys.executable, "-m", "mirror", "serve", str(config)], env=env) as process:
+        trusted = ssl.create_default_context(cafile=str(tls.ca))
+        _wait_tls(port, trusted)
+        response = httpx.get(f"https://127.0.0.1:{port}/v2/", verify=trusted)
+    assert response.status_code == 200
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    from mirror.cli import _tls
+    from mirror.config import load_settings
+
+    context = _tls(load_settings(config, {}))
+    assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def _wait_tls(port: int, context: object, timeout: float = 15.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(f"https://127.0.0.1:{port}/v2/", verify=context)  # type: ignore[arg-type]
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
