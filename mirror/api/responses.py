@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+import termios
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -20,6 +22,9 @@ from mirror.storage.blobstore import BlobStore
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+#: Stored blobs go out in sendfile steps this large: each step waits for the
+#: socket buffer to drain before the next starts, so small steps stall the pipe.
+SENDFILE_STEP = 8 * READ_CHUNK
 
 
 class SendfileResponse(web.StreamResponse):
@@ -28,9 +33,9 @@ class SendfileResponse(web.StreamResponse):
     The store opens (and checks) the object before the response starts, so
     eviction or quarantine after that point cannot change what is sent: the
     descriptor keeps the verified inode alive. `release` (the quota's reader
-    count) is called once the descriptor is closed. It is sent `READ_CHUNK`
-    at a time, so a client that takes longer than `idle_timeout` to accept
-    one (it stopped reading) is cut, as readers of a fetch are.
+    count) is called once the descriptor is closed. It is sent in
+    `SENDFILE_STEP`s; a client that accepts nothing for `idle_timeout` (it
+    stopped reading) is cut, as readers of a fetch are.
     """
 
     def __init__(self, fd: int, offset: int, count: int, release: Callable[[], None] | None = None,
@@ -54,19 +59,59 @@ class SendfileResponse(web.StreamResponse):
                 loop = asyncio.get_running_loop()
                 with os.fdopen(self._fd, "rb", closefd=False) as fobj:
                     while self.sent < self._count and request.transport is not None:
-                        step = min(READ_CHUNK, self._count - self.sent)
-                        self.sent += await asyncio.wait_for(
-                            loop.sendfile(request.transport, fobj, self._offset + self.sent, step),
-                            self._idle_timeout)
+                        step = min(SENDFILE_STEP, self._count - self.sent)
+                        sending = loop.sendfile(request.transport, fobj, self._offset + self.sent, step)
+                        self.sent += await _unless_stalled(sending, request, self._idle_timeout)
                 await super().write_eof()
             return writer
-        except (TimeoutError, ConnectionError):  # not reading for idle_timeout, or gone
+        except (TimeoutError, ConnectionError, RuntimeError):  # stalled, gone, or transport closing
             _abort(request)
             return writer
         finally:
             os.close(self._fd)
             if self._release is not None:
                 self._release()
+
+
+async def _unless_stalled(sending: Awaitable[int], request: web.BaseRequest,
+                          idle_timeout: float | None) -> int:
+    """Await a sendfile step, cutting a client that accepts nothing for `idle_timeout`.
+
+    Progress is read from the socket's unsent-bytes counter (SIOCOUTQ): a
+    client that stopped reading leaves it full and unchanged, while a slow one
+    keeps draining it, so a large step never mistakes slow for stalled.
+
+    Raises:
+        TimeoutError: the client accepted nothing for `idle_timeout`.
+    """
+    task = asyncio.ensure_future(sending)
+    if idle_timeout is None:
+        return await task
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    last = _unsent(sock)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=idle_timeout)
+            if done:
+                return task.result()
+            queued = _unsent(sock)
+            if queued is None or (queued > 0 and queued == last):
+                raise TimeoutError("client stopped reading")
+            last = queued
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _unsent(sock: socket.socket | None) -> int | None:
+    """Bytes queued in the socket not yet acknowledged by the client (Linux)."""
+    if sock is None:
+        return None
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return None
 
 
 async def stream_fetch(request: web.Request, response: web.StreamResponse, fetch: BlobFetch,
@@ -120,7 +165,7 @@ async def stream_fetch(request: web.Request, response: web.StreamResponse, fetch
     except errors.RegistryError as exc:
         log.warning("aborting blob %s for a client after %s", fetch.digest, exc.code)
         _abort(request)
-    except (TimeoutError, ConnectionError):
+    except (TimeoutError, ConnectionError, RuntimeError):  # RuntimeError: "Transport is closing"
         _abort(request)
     finally:
         if fobj is not None:
