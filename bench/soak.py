@@ -86,7 +86,7 @@ def error_kind(error: str | None) -> str:
         return "connection refused/reset (node down)"
     if "TimeoutError" in error:
         return "client timeout"
-    if error.startswith("manifest: ") or error.startswith("blob "):
+    if error.startswith(("manifest: ", "blob ")):
         status = error.split(": ", 1)[1].split(",")[0]
         return f"{error.split()[0].rstrip(':')} {status}" + (" (aborted short)" if status == "200" else "")
     return error.split("(")[0]
@@ -129,23 +129,23 @@ FAULTS = [
 async def chaos_loop(node: NodeProcess, relay: FaultRelay, stats: Stats, rng: random.Random,
                      stop: asyncio.Event, restarting: list[bool]) -> None:
     while not stop.is_set():
-        await asyncio.sleep(rng.uniform(0.5, 2.0))
+        await asyncio.sleep(rng.uniform(0.3, 1.2))
         if stop.is_set():
             break
         roll = rng.random()
-        if roll < 0.15:
+        if roll < 0.2:
             stats.chaos["node kill -9 + restart"] += 1
             restarting[0] = True
             node.kill9()
             await asyncio.sleep(rng.uniform(0.1, 1.0))
             await asyncio.to_thread(node.start)
             restarting[0] = False
-        elif roll < 0.35:
+        elif roll < 0.4:
             stats.chaos["upstream cut + restore"] += 1
             relay.down = True
             await asyncio.sleep(rng.uniform(0.3, 3.0))
             relay.down = False
-        elif roll < 0.45:
+        elif roll < 0.5:
             stats.chaos["slow link"] += 1
             relay.rate = rng.choice([2 * MiB, 8 * MiB])
             await asyncio.sleep(rng.uniform(1.0, 3.0))

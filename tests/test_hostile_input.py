@@ -8,7 +8,6 @@ are referenced by ID in `CASES` (their test named) rather than repeated.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -356,4 +355,3 @@ def test_case_ids_have_tests_or_references() -> None:
     for case_id, text in CASES.items():
         referenced = re.search(r"\(tests?/|test_\w+|\(test_read_api", text)
         assert source.count(f'"{case_id}"') >= 2 or referenced, case_id
-    assert asyncio.iscoroutinefunction(test_bad_requests_get_the_spec_error)

@@ -56,7 +56,8 @@ CASES = {
     "R-UP-09": "one byte of the blob corrupted: digest mismatch, nothing published, clients never get "
                "the held-back tail (short of Content-Length); the next request refetches",
     "R-UP-10": "more bytes than the blob (announced): digest mismatch; as R-UP-09",
-    "R-UP-11": "fewer bytes than the blob, announced as complete: digest mismatch; as R-UP-09",
+    "R-UP-11": "fewer bytes than the blob, announced as complete (even as 0 bytes, where there is no "
+               "tail to hold back: 503): digest mismatch; as R-UP-09",
     "R-UP-12": "fewer bytes than Content-Length then a clean close, once: resumed with Range, clients "
                "get the whole blob; on every attempt: aborted short, nothing published",
     "R-UP-13": "an HTML page with 200 instead of a blob: nothing published, clients short of "
@@ -294,8 +295,9 @@ async def test_stalled_upstream_times_out_and_releases_waiters(make_mirror, faul
     ("R-UP-09", F.corrupt(offset=1234)),
     ("R-UP-10", F.pad(extra=100_000)),
     ("R-UP-11", F.short(missing=1)),
+    ("R-UP-11", F.short(missing=1 << 40)),  # announced as empty: nothing to hold back
     ("R-UP-13", F.html()),
-], ids=["R-UP-09", "R-UP-10", "R-UP-11", "R-UP-13"])
+], ids=["R-UP-09", "R-UP-10", "R-UP-11", "R-UP-11-empty", "R-UP-13"])
 async def test_wrong_bytes_are_never_published_or_completed(make_mirror, faults, upstream, upstream_client,
                                                            case_id, fault) -> None:
     node = await make_mirror(faults.url)
@@ -309,6 +311,7 @@ async def test_wrong_bytes_are_never_published_or_completed(make_mirror, faults,
         assert got.status in (200, 503)
         if got.status == 200:
             assert got.short, f"a complete-looking wrong blob was sent: {got}"
+            assert got.length, "a 0-byte answer is complete-looking"
             assert got.length is not None and got.received <= max(0, got.length - 64 * 1024)
     await assert_nothing_published(node, digest)
     faults.rate = None
@@ -320,7 +323,7 @@ async def test_wrong_bytes_are_never_published_or_completed(make_mirror, faults,
 async def test_truncated_then_closed(make_mirror, faults, upstream, upstream_client, case_id) -> None:
     node = await make_mirror(faults.url, upstream={"retries": 1})
     image = await push(upstream_client, upstream, size=MiB)
-    digest, data = image.layers[0]
+    digest, _data = image.layers[0]
     faults.inject(F.truncate(missing=300_000), method="GET", path="/blobs/")
     async with node.client() as client:
         once = await get(client, f"/v2/{image.repo}/blobs/{digest}")
@@ -391,7 +394,7 @@ async def test_long_retry_after_is_passed_on(make_mirror, faults, upstream, upst
 async def test_blob_503_once_is_retried(make_mirror, faults, upstream, upstream_client, case_id) -> None:
     node = await make_mirror(faults.url)
     image = await push(upstream_client, upstream, size=300_000)
-    digest, data = image.layers[0]
+    digest, _data = image.layers[0]
     faults.inject(F.status(503), method="GET", path="/blobs/")
     async with node.client() as client:
         got = await get(client, f"/v2/{image.repo}/blobs/{digest}")
@@ -589,12 +592,10 @@ async def test_blob_with_changed_size_is_quarantined(make_mirror, faults, upstre
     digest, data = image.layers[0]
     await assert_served_now(node, image, digest, data)
     path = node.node.store.path(Digest.parse(digest))
-    with open(path, "r+b") as handle:
-        if change == "truncate":
-            handle.truncate(len(data) - 10)
-        else:
-            handle.seek(0, os.SEEK_END)
-            handle.write(b"rot")
+    if change == "truncate":
+        os.truncate(path, len(data) - 10)
+    else:
+        path.write_bytes(data + b"rot")  # same path, same inode: grown behind the node's back
     async with node.client() as client:
         got = await get(client, f"/v2/{image.repo}/blobs/{digest}")
     assert (got.status, got.complete, got.digest) == (200, True, digest)
@@ -685,7 +686,7 @@ async def test_slow_reader_during_fetch_is_cut_and_slows_nobody(make_mirror, fau
                                                               case_id) -> None:
     node = await make_mirror(faults.url, client_idle_timeout="2s")
     image = await push(upstream_client, upstream, size=16 * MiB)
-    digest, data = image.layers[0]
+    digest, _data = image.layers[0]
     faults.rate = 8 * MiB  # the fetch lasts about 2 s
     url = f"/v2/{image.repo}/blobs/{digest}"
     slow = asyncio.create_task(slow_reader(node.port, url, seconds=20))

@@ -32,6 +32,10 @@ HEADER_TIMEOUT = 10.0
 KEEPALIVE_TIMEOUT = 75.0
 
 
+#: The aiohttp internals the handler reads; without them it stays out of the way.
+SUPPORTED = all(hasattr(RequestHandler, name) for name in ("_waiter", "_messages", "_request_count"))
+
+
 class HeaderTimeoutHandler(RequestHandler):
     """A request handler that closes connections stuck in request headers."""
 
@@ -40,9 +44,12 @@ class HeaderTimeoutHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._header_deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        self._arm()
+        if SUPPORTED:
+            self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if not SUPPORTED:
+            return super().data_received(data)
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:  # a complete request head was parsed
@@ -70,7 +77,7 @@ class HeaderTimeoutHandler(RequestHandler):
     def _expire(self) -> None:
         self._header_deadline = None
         if self.transport is not None and self._waiting_for_request():
-            log.info("closing a connection from %s: request headers not complete after %.0fs",
+            log.debug("closing a connection from %s: request headers not complete after %.0fs",
                      self.peername, self.header_timeout)
             self.force_close()
 

@@ -82,10 +82,34 @@ from .procs import LOOPBACK, ManagedProcess, free_port, wait_http
 from .relay import _CLIENT_AUTO_HEADERS, _HOP_BY_HOP, Relay, RelayRecord
 
 __all__ = [
-    "Fault", "FaultRecord", "FaultRelay", "Fetched", "NodeProcess", "Pulled", "RawClient", "Rule",
-    "StoreCheck", "check_store", "pull_image", "raise_nofile",
-    "corrupt", "drop", "endless", "hang", "html", "huge_manifest", "pad", "reset", "rewrite",
-    "short", "stall", "status", "synthetic", "throttle", "trickle", "truncate",
+    "Fault",
+    "FaultRecord",
+    "FaultRelay",
+    "Fetched",
+    "NodeProcess",
+    "Pulled",
+    "RawClient",
+    "Rule",
+    "StoreCheck",
+    "check_store",
+    "corrupt",
+    "drop",
+    "endless",
+    "hang",
+    "html",
+    "huge_manifest",
+    "pad",
+    "pull_image",
+    "raise_nofile",
+    "reset",
+    "rewrite",
+    "short",
+    "stall",
+    "status",
+    "synthetic",
+    "throttle",
+    "trickle",
+    "truncate",
 ]
 
 MiB = 1 << 20
@@ -528,8 +552,8 @@ class NodeProcess:
         if nofile is not None:
             argv = ["prlimit", f"--nofile={nofile}:{_hard_nofile()}", "--", *argv]
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                             env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        repo_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = f"{repo_root}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else repo_root
         self.process = ManagedProcess(argv, env=env, log_dir=self.root, name="mirror")
 
     @property
@@ -589,7 +613,7 @@ class NodeProcess:
     def close(self) -> None:
         self.process.close()
 
-    def __enter__(self) -> NodeProcess:
+    def __enter__(self) -> NodeProcess:  # noqa: PYI034 - start() returns self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -616,7 +640,7 @@ def raise_nofile(wanted: int) -> int:
 # --------------------------------------------------------------------------- a lean client
 
 
-MANIFEST_ACCEPT = ", ".join([DOCKER_SCHEMA2, "application/vnd.oci.image.manifest.v1+json"])
+MANIFEST_ACCEPT = f"{DOCKER_SCHEMA2}, application/vnd.oci.image.manifest.v1+json"
 
 
 @dataclass
@@ -734,7 +758,7 @@ async def pull_image(port: int, repo: str, reference: str, *, host: str = LOOPBA
                 result.error = f"blob {digest[:19]}: {blob.status}, {blob.received}/{blob.length} bytes"
                 return result
         result.ok = True
-    except (OSError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+    except (TimeoutError, OSError, ValueError, KeyError) as exc:
         result.error = repr(exc)
     finally:
         await client.close()
