@@ -241,3 +241,25 @@ async def test_shared_fetch_continues_with_another_waiters_token(mirror, relay, 
     assert used == ["Bearer expired", "Bearer fresh"]
     async with mirror.client() as client:
         assert (await client.get(f"/v2/{image.repo}/blobs/{digest}")).content == data
+
+
+async def test_edge_chain_serves_the_same_digests_and_warm_pulls_stay_at_the_edge(
+        make_mirror, relay, upstream, upstream_client) -> None:
+    """edge -> middle -> upstream: same digests; a second pull through the edge goes nowhere."""
+    from tests.support.relay import Relay
+
+    middle = await make_mirror(relay.url, tag_ttl="1h")
+    with Relay(middle.url) as middle_link:
+        edge = await make_mirror(middle_link.url, tag_ttl="1h")
+        image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[MiB, 3000])
+        async with edge.client(headers=ACCEPT) as client:
+            first = await client.get(f"/v2/{image.repo}/manifests/v1")
+            blobs = {d: (await client.get(f"/v2/{image.repo}/blobs/{d}")).content for d in image.blobs}
+            relay.reset()
+            middle_link.reset()
+            second = await client.get(f"/v2/{image.repo}/manifests/v1")
+            again = {d: (await client.get(f"/v2/{image.repo}/blobs/{d}")).content for d in image.blobs}
+        assert middle_link.count() == 0
+    assert first.headers["Docker-Content-Digest"] == second.headers["Docker-Content-Digest"] == image.digest
+    assert blobs == again == image.blobs
+    assert relay.count() == 0
