@@ -79,6 +79,8 @@ CASES = {
                "with a manifest type, or chunked): refused without downloading it",
     "R-UP-24": "a real layer requested as a manifest: refused (not a manifest), no layer download",
     "R-UP-25": "429 on a blob: TOOMANYREQUESTS with upstream's Retry-After, nothing published",
+    "R-UP-26": "503 with Retry-After: 1 on a blob: the fetch waits that long before retrying, the "
+               "client gets the blob",
     # disks
     "R-DISK-01": "EIO on the Nth write of a fetch: temp removed, nothing published, cache intact, the "
                  "client's stream aborted short; the next request succeeds once the disk recovers",
@@ -376,6 +378,19 @@ async def test_manifest_429_honours_retry_after(make_mirror, faults, upstream, u
     assert got.status == 200 and got.body == image.manifest
     first, second = [r for r in faults.records if r.method == "GET" and "/manifests/" in r.path_qs]
     assert first.status == 429 and second.started_at - first.started_at >= 1.0
+
+
+@pytest.mark.parametrize("case_id", [case("R-UP-26")])
+async def test_blob_503_honours_retry_after(make_mirror, faults, upstream, upstream_client, case_id) -> None:
+    node = await make_mirror(faults.url)
+    image = await push(upstream_client, upstream, size=64 * 1024)
+    digest, data = image.layers[0]
+    faults.inject(F.status(503, retry_after=1), method="GET", path="/blobs/")
+    async with node.client() as client:
+        got = await get(client, f"/v2/{image.repo}/blobs/{digest}")
+    assert (got.status, got.complete, got.digest) == (200, True, digest)
+    first, second = [r for r in faults.records if r.method == "GET" and "/blobs/" in r.path_qs]
+    assert first.status == 503 and second.started_at - first.started_at >= 1.0
 
 
 @pytest.mark.parametrize("case_id", [case("R-UP-17")])

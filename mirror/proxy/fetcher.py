@@ -31,7 +31,7 @@ from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.quota import Quota, RelayBuffer
 from mirror.upstream import budget
-from mirror.upstream.client import Upstream
+from mirror.upstream.client import Upstream, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +228,11 @@ class Fetcher:
                 authorization = fetch.next_credential(authorization)
                 log.info("blob %s: credential refused at %d bytes; continuing with %s", fetch.digest,
                          fetch.written, "another client's" if authorization else "the node's own")
-            except errors.Unavailable:
-                if attempt >= self.retries:
+            except errors.Unavailable as exc:
+                delay = retry_delay(exc, attempt)  # upstream's Retry-After, else jittered backoff
+                if attempt >= self.retries or delay is None:
                     raise
                 attempt += 1
-                delay = min(0.2 * 2**attempt, 5.0)
                 log.warning("blob %s broke at %d bytes; resuming in %.1fs (attempt %d)",
                             fetch.digest, fetch.written, delay, attempt)
                 await asyncio.sleep(delay)

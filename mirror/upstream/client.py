@@ -319,7 +319,7 @@ class Upstream:
             try:
                 return await call()
             except (errors.Unavailable, errors.TooManyRequests) as exc:
-                delay = _retry_delay(exc, attempt)
+                delay = retry_delay(exc, attempt)
                 if attempt == self.retries or delay is None:
                     raise
                 log.info("upstream %s; retry %d in %.1fs", exc.code, attempt + 1, delay)
@@ -327,7 +327,7 @@ class Upstream:
         raise AssertionError("unreachable")
 
 
-def _retry_delay(exc: errors.RegistryError, attempt: int) -> float | None:
+def retry_delay(exc: errors.RegistryError, attempt: int) -> float | None:
     """Backoff for the next attempt; None when Retry-After asks too much."""
     retry_after = exc.headers.get("Retry-After")
     if retry_after is not None:
