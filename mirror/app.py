@@ -12,9 +12,9 @@ from mirror.api import handlers, middleware
 from mirror.auth.controller import TOKEN_PATH, install_reload
 from mirror.auth.relay import TokenRelay
 from mirror.config import Settings
-from mirror.upstream.tls import verify_setting
 from mirror.node import close_node, open_node
 from mirror.observe.accesslog import access_log_middleware
+from mirror.upstream.tls import verify_setting
 
 TOKEN_RELAY: web.AppKey[TokenRelay] = web.AppKey("token_relay", TokenRelay)
 

@@ -13,11 +13,11 @@ import sys
 from aiohttp import web
 
 from mirror import __version__
-from mirror import commands as commands_registry
 from mirror.auth.access import KeyLoadError
+from mirror.commands import registry as commands_registry
 from mirror.config import ConfigError, Settings, load_settings
-from mirror.storage.blobstore import StoreLayoutError
 from mirror.logs import setup_logging
+from mirror.storage.blobstore import StoreLayoutError
 
 log = logging.getLogger("mirror")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.token_issuer import make_ca
 from tests.support.procs import ManagedProcess, free_port, wait_http
+from tests.support.token_issuer import make_ca
 
 SEED = Path(__file__).parent / "data" / "seed_configs"
 
@@ -88,7 +88,7 @@ def test_serves_tls_directly_with_tls_1_2_or_newer(tmp_path: Path) -> None:
         "http:\n", f"http:\n  tls:\n    certificate: {tls.cert}\n    key: {tls.key}\n", 1))
     port = free_port()
     env = {**os.environ, "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}", "REGISTRY_HTTP_DEBUG_ADDR": ""}
-    with ManagedProcess([sys.executable, "-m", "mirror", "serve", str(config)], env=env) as process:
+    with ManagedProcess([sys.executable, "-m", "mirror", "serve", str(config)], env=env):
         trusted = ssl.create_default_context(cafile=str(tls.ca))
         _wait_tls(port, trusted)
         response = httpx.get(f"https://127.0.0.1:{port}/v2/", verify=trusted)

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from tests.support import images
-from tests.support.rawhttp import error_code_of, raw_request
 from tests.support.images import DOCKER_MANIFEST_LIST, DOCKER_SCHEMA2, OCI_INDEX, OCI_MANIFEST
+from tests.support.rawhttp import error_code_of, raw_request
 
 ALL_TYPES = ", ".join([DOCKER_SCHEMA2, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX])
 API_VERSION = "registry/2.0"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import uuid
 
-import httpx
 from aiohttp import web
 
 from mirror.config import UpstreamSettings

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-ALL: list[ModuleType] = []
+from mirror.admin import jobs, notify, store
 
-from mirror.admin import jobs, notify  # noqa: E402  (prewarm/jobs/pins/top; notifications in)
-
-ALL += [jobs, notify]
-
-from mirror.admin import store  # (verify, gc, purge, du, stats)
-
-ALL += [store]
+#: prewarm, jobs, pins and top; notifications in; verify, gc, purge, du and stats.
+ALL: list[ModuleType] = [jobs, notify, store]

@@ -25,8 +25,8 @@ from aiohttp import web
 from mirror import errors
 from mirror.auth import access as auth_access
 from mirror.auth.access import Access
-from mirror.auth.controller import deny
 from mirror.auth.challenge import bearer_token, challenge
+from mirror.auth.controller import deny
 from mirror.proxy.singleflight import SingleFlight
 from mirror.upstream.auth import Challenge
 from mirror.upstream.client import Upstream

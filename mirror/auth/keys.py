@@ -41,7 +41,6 @@ _CURVE_NAMES = {cls.name: jwk_name for jwk_name, cls in _CURVES.items()}
 
 from .access import KeyLoadError  # noqa: E402 - defined crypto-free for the CLI to catch
 
-
 # ---------------------------------------------------------------------------
 # Key identifiers
 # ---------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from .access import (
     grants,
     grants_all,
     parse_access_claim,
-    scope_param,
 )
 from .challenge import bearer_token, challenge
 from .keys import (

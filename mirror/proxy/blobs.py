@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from mirror import errors
 from mirror.proxy.fetcher import BlobFetch, Fetcher
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.registry.digest import Digest

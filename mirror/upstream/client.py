@@ -23,13 +23,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from mirror import errors
+from mirror.observe.metrics import Metrics
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import UPSTREAM_ACCEPT
-from mirror.observe.metrics import Metrics
 from mirror.upstream.auth import Challenge, RegistryAuth
-from mirror.upstream.tls import verify_setting
 from mirror.upstream.budget import Budget, BudgetTransport
+from mirror.upstream.tls import verify_setting
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
