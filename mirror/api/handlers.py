@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 #: How the request was answered: hit, miss, coalesced, revalidated, stale (access log, metrics).
 CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
+#: The matched route's name (set by dispatch; read by the access log and metrics).
+ROUTE_NAME: web.RequestKey[str] = web.RequestKey("route", str)
 #: A client's token to pass upstream, set by the auth layer when it applies.
 UPSTREAM_AUTHORIZATION: web.RequestKey[str] = web.RequestKey("upstream_authorization", str)
 MAX_PAGE = 10_000

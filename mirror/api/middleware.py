@@ -49,6 +49,7 @@ async def add_api_version(request: web.Request, response: web.StreamResponse) ->
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Route a `/v2/...` request by parsing the path from the right."""
     route = routes.match(request.rel_url.raw_path)
+    request[handlers.ROUTE_NAME] = route.name
     node = request.app[handlers.NODE]
     allowed = routes.READ_METHODS[route.name]
     if node.settings.mirror.passthrough_writes:

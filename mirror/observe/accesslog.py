@@ -16,22 +16,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mirror.api.external import client_address
-from mirror.api.handlers import CACHE_OUTCOME, NODE
-from mirror.api.routes import match
-from mirror.errors import RegistryError
+from mirror.api.handlers import CACHE_OUTCOME, NODE, ROUTE_NAME
 
 log = logging.getLogger("mirror.access")
 REQUEST_ID = "X-Request-Id"
-_KIND = {"manifest": "manifest", "blob": "blob", "tags": "tags", "catalog": "catalog", "base": "base"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _route_name(path: str) -> str:
-    try:
-        return match(path).name
-    except RegistryError:
-        return "other"
 
 
 @web.middleware
@@ -62,7 +52,7 @@ def _body_bytes(request: web.Request, response: web.StreamResponse | None) -> in
 
 def _record(request: web.Request, status: int, size: int, duration: float, request_id: str) -> None:
     node = request.app.get(NODE)
-    route = _route_name(request.rel_url.raw_path) if request.path.startswith("/v2") else "other"
+    route = request.get(ROUTE_NAME, "other")  # parsed once, by dispatch
     cache = request.get(CACHE_OUTCOME, "-")
     trusted = node.settings.mirror.trusted_proxies if node else ()
     if node is not None:

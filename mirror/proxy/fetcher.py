@@ -48,6 +48,7 @@ class BlobFetch:
         self.size: int | None = None
         self.written = 0
         self.committed = False
+        self.task: asyncio.Task[None] | None = None
         self.error: errors.RegistryError | None = None
         self.temp_path: str | None = None
         self.relay: RelayBuffer | None = None  # served uncached from memory (disk full, over quota)
@@ -156,6 +157,7 @@ class Fetcher:
             self.inflight[digest] = fetch
             fetch.work, context = budget.context_for_task()
             task = asyncio.create_task(self._run(fetch, authorization), context=context)
+            fetch.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
@@ -163,8 +165,18 @@ class Fetcher:
             fetch.offer(authorization)
         return fetch
 
-    async def close(self) -> None:
-        """Cancel every fetch (shutdown); temp files are removed."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Shutdown: cancel every fetch, but let published ones finish recording.
+
+        A blob is published before its metadata (size, repository link) is
+        written, and its readers may already be done; cancelling that short
+        bookkeeping would leave the object unlinked after a restart (served
+        only once upstream confirms it again). Unfinished downloads are
+        cancelled and their temp files removed.
+        """
+        recording = [f.task for f in self.inflight.values() if f.committed and f.task is not None]
+        if recording:
+            await asyncio.wait(recording, timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

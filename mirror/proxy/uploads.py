@@ -13,9 +13,7 @@ never affected.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.registry.digest import Digest
-from mirror.storage.blobstore import BlobStore, DigestMismatch
+from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +31,15 @@ MAX_SESSIONS = 1000
 
 @dataclass
 class UploadCopy:
-    """The node's copy of one upload session's bytes."""
+    """The node's copy of one upload session's bytes: a store writer whose
+    digest is only known when upstream confirms the upload."""
 
-    temp_path: Any
-    handle: Any
-    hasher: Any = field(default_factory=hashlib.sha256)
-    written: int = 0
+    writer: BlobWriter
     touched: float = field(default_factory=time.monotonic)
+
+    @property
+    def written(self) -> int:
+        return self.writer.written
 
 
 class Uploads:
@@ -57,9 +57,7 @@ class Uploads:
         """Start (or restart) copying a session."""
         await self.abandon(session)
         self._expire()
-        path = self.store.new_temp_path()
-        handle = await self._io(lambda: open(path, "xb", buffering=0))
-        copy = UploadCopy(path, handle)
+        copy = UploadCopy(await self._io(self.store.writer, None))
         self.sessions[session] = copy
         return copy
 
@@ -77,10 +75,8 @@ class Uploads:
         return self.sessions.get(session)
 
     async def write(self, copy: UploadCopy, chunk: bytes) -> None:
-        """Append a relayed chunk to the copy."""
-        await self._io(_write_all, copy.handle, chunk)
-        copy.hasher.update(chunk)
-        copy.written += len(chunk)
+        """Append (and hash) a relayed chunk."""
+        await self._io(copy.writer.write, chunk)
         copy.touched = time.monotonic()
 
     def rekey(self, old: str, new: str) -> None:
@@ -93,33 +89,19 @@ class Uploads:
         copy = self.sessions.pop(session, None)
         if copy is None:
             return False
+        copy.writer.digest = digest
         try:
-            if digest.algorithm != "sha256" or copy.hasher.hexdigest() != digest.hex:
-                raise DigestMismatch(f"pushed bytes do not hash to {digest}")
-            await self._io(os.fsync, copy.handle.fileno())
-            await self._io(copy.handle.close)
-            await self._io(self.store.publish, copy.temp_path, digest)
+            await self._io(copy.writer.commit)  # verifies, fsyncs, renames; removes on failure
             return True
         except (DigestMismatch, OSError) as exc:
             log.info("pushed blob not kept: %s", exc)
-            await self._discard(copy)
             return False
 
     async def abandon(self, session: str) -> None:
         """Stop copying a session (cancelled, failed, or out of order)."""
         copy = self.sessions.pop(session, None)
         if copy is not None:
-            await self._discard(copy)
-
-    async def _discard(self, copy: UploadCopy) -> None:
-        def drop() -> None:
-            if not copy.handle.closed:
-                copy.handle.close()
-            try:
-                os.unlink(copy.temp_path)
-            except FileNotFoundError:
-                pass
-        await self._io(drop)
+            await self._io(copy.writer.abort)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -127,11 +109,5 @@ class Uploads:
         while len(self.sessions) - len(stale) >= MAX_SESSIONS:
             stale.append(next(k for k in self.sessions if k not in stale))
         for key in stale:
-            copy = self.sessions.pop(key)
-            asyncio.ensure_future(self._discard(copy))
+            asyncio.ensure_future(self._io(self.sessions.pop(key).writer.abort))
 
-
-def _write_all(handle: Any, chunk: bytes) -> None:
-    view = memoryview(chunk)
-    while view:
-        view = view[handle.write(view):]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -70,12 +71,12 @@ class BlobWriter:
     or :meth:`abort`. Use from a worker thread, never on the event loop.
     """
 
-    def __init__(self, store: BlobStore, digest: Digest, expected_size: int | None) -> None:
+    def __init__(self, store: BlobStore, digest: Digest | None, expected_size: int | None) -> None:
         self.store = store
-        self.digest = digest
+        self.digest = digest  # None: learnt later (a push), set it before commit
         self.expected_size = expected_size
         self.temp_path = store.new_temp_path()
-        self._hasher = digest.hasher()
+        self._hasher = digest.hasher() if digest is not None else hashlib.sha256()
         # Unbuffered: readers of the growing temp file use their own fds.
         self._file = open(self.temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in commit/abort
         self.written = 0
@@ -101,10 +102,12 @@ class BlobWriter:
         try:
             if self.expected_size is not None and self.written != self.expected_size:
                 raise DigestMismatch(f"{self.digest}: {self.written} bytes, expected {self.expected_size}")
-            if self._hasher.hexdigest() != self.digest.hex:
+            if self.digest is None or self.digest.algorithm != self._hasher.name \
+                or self._hasher.hexdigest() != self.digest.hex:
                 raise DigestMismatch(f"{self.digest}: content has another digest")
             os.fsync(self._file.fileno())
             self._file.close()
+            assert self.digest is not None  # checked above
             return self.store.publish(self.temp_path, self.digest)
         except BaseException:
             self.abort()
@@ -216,8 +219,12 @@ class BlobStore:
         """A temp name no other process or fetch can pick."""
         return path_for(self.root, "tmp", name=f"{self.owner}-{secrets.token_hex(8)}.part")
 
-    def writer(self, digest: Digest, expected_size: int | None = None) -> BlobWriter:
-        """Start writing one object (blocking: call from a worker thread)."""
+    def writer(self, digest: Digest | None, expected_size: int | None = None) -> BlobWriter:
+        """Start writing one object (blocking: call from a worker thread).
+
+        `digest` may be None when it is only known at the end (a push); the
+        bytes are then hashed with sha256 and checked once it is set.
+        """
         return BlobWriter(self, digest, expected_size)
 
     def publish(self, temp_path: Path, digest: Digest) -> Path:
