@@ -154,6 +154,48 @@ async def test_pin_and_unpin(mirror, admin, upstream, upstream_client):
     assert not any([await metadata.pinned(Digest.parse(d)) for d in everything])
 
 
+async def test_pins_are_per_image_and_hold_shared_blobs_by_count(mirror, admin, upstream, upstream_client):
+    """Unpinning one image never unpins what another pinned image shares (issue 15 item 4)."""
+    shared = images.make_layer(unique("shared"), 4096)
+    a = await images.push_image(upstream_client, upstream.url, unique("pins/a"), "v1", layers=(shared, 1000))
+    b = await images.push_image(upstream_client, upstream.url, unique("pins/b"), "v1", layers=(shared, 2000))
+    for image in (a, b):
+        assert (await run_job(admin, {"images": [f"{image.repo}:v1"], "pin": True}))["state"] == "done"
+    shared_digest = images.sha256_digest(shared)
+    listed = {p["repository"]: p for p in (await admin.get("/admin/pins")).json()["pins"]}
+    assert set(listed) == {a.repo, b.repo}
+    assert listed[a.repo]["reference"] == "v1" and listed[a.repo]["digest"] == a.digest
+    assert listed[a.repo]["objects"] == 1 + len(a.blobs)
+    assert listed[a.repo]["bytes"] == len(a.manifest) + a.size
+    assert listed[a.repo]["exclusive_bytes"] == listed[a.repo]["bytes"] - len(shared)
+
+    response = (await admin.post("/admin/unpin", json={"images": [f"{a.repo}:v1"]})).json()
+    assert shared_digest not in response["unpinned"]
+    assert response["pins"][0]["kept"] == [shared_digest]
+    metadata = mirror.node.metadata
+    assert await metadata.pinned(Digest.parse(shared_digest))  # b still holds it
+    assert not await metadata.pinned(Digest.parse(a.digest))
+    assert all([await metadata.pinned(Digest.parse(d)) for d in (b.digest, *b.blobs)])
+
+    # A pin by digest is removed by that digest; the shared layer is released with the last pin.
+    response = (await admin.post("/admin/unpin", json={"images": [f"{b.repo}@{b.digest}"]})).json()
+    assert shared_digest in response["unpinned"]
+    assert not await metadata.pinned(Digest.parse(shared_digest))
+    assert (await admin.get("/admin/pins")).json()["pins"] == []
+
+
+async def test_a_pinned_object_purged_and_fetched_again_is_held_again(mirror, admin, upstream, upstream_client):
+    image = await images.push_image(upstream_client, upstream.url, unique("pins/back"), "v1")
+    assert (await run_job(admin, {"images": [f"{image.repo}:v1"], "pin": True}))["state"] == "done"
+    layer = image.layer_digests[0]
+    purged = await admin.post("/admin/purge", json={"reference": f"{image.repo}:v1"})
+    assert purged.status_code == 200 and purged.json()["objects"] >= 2, purged.text
+    assert await mirror.node.metadata.get_object(Digest.parse(layer)) is None
+    async with mirror.client() as client:
+        assert (await client.get(f"/v2/{image.repo}/blobs/{layer}")).status_code == 200
+    assert await mirror.node.metadata.pinned(Digest.parse(layer))
+
+
 async def test_top_counts_pulls_by_tag(mirror, admin, upstream, upstream_client):
     a = await images.push_image(upstream_client, upstream.url, unique("top/a"), "v1")
     b = await images.push_image(upstream_client, upstream.url, unique("top/b"), "v2")
@@ -213,8 +255,14 @@ async def test_cli_prewarm_from_a_file_and_top(mirror, debug_for, upstream, upst
     code, out, _ = await cli("prewarm", f"{one.repo}:v1", "nope/missing:v1", "--server", url)
     assert code == 1 and "1/2 images" in out and "nope/missing:v1" in out
 
+    code, out, _ = await cli("pins", "--server", url)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["PIN", "OBJECTS", "SIZE", "ONLY", "IT", "PINNED"]
+    assert any(f"/{one.repo}:v1" in line and line.split()[1] == "4" for line in lines[1:]), out
+    assert any(f"/{two.repo}:v1" in line for line in lines[1:]), out
+
     code, out, _ = await cli("unpin", f"{one.repo}:v1", "--server", url)
-    assert code == 0 and "unpinned 4 objects" in out
+    assert code == 0 and f"/{one.repo}:v1: 4 objects released" in out
 
     async with mirror.client(headers={"Accept": DOCKER_SCHEMA2}) as client:
         await client.get(f"/v2/{one.repo}/manifests/v1")

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from mirror.registry.digest import Digest
-from mirror.storage import quota as quota_module
 from mirror.storage.quota import RelayBuffer
 from mirror.storage.verify import store_bytes, verify_store
 from tests.conftest import mirror_config
@@ -112,7 +111,7 @@ async def test_pinned_content_survives_filling_past_the_quota(make_mirror, relay
     pinned, *others = await push_blobs(upstream_client, upstream.url, repo, *[3 * MiB - 4096] * 6)
     async with node.client() as client:
         await get_blob(client, repo, pinned[0])
-        assert await quota_module.pin(node.node, [pinned[0]], "test") == 1
+        await node.node.ops.pin(repo, "blob", Digest.parse(pinned[0]), [])
         for digest, data in others:
             assert (await get_blob(client, repo, digest)).content == data
         relay.down = True  # the pinned blob is still served from the store
@@ -120,7 +119,7 @@ async def test_pinned_content_survives_filling_past_the_quota(make_mirror, relay
     assert stored(node, pinned[0])
     assert store_bytes(node.node.store.root) <= node.node.quota.high
     assert node.node.metrics.evictions._value.get() >= 3
-    await quota_module.unpin(node.node, [pinned[0]])
+    await node.node.ops.unpin(repo, "blob")
     await node.node.quota.gc(0)
     assert not stored(node, pinned[0])
 
@@ -133,7 +132,7 @@ async def test_a_blob_that_cannot_fit_is_relayed_uncached(make_mirror, relay, up
     async with node.client() as client:
         for digest, _ in (first, second):
             await get_blob(client, repo, digest)
-        await node.node.quota.pin([first[0], second[0]])  # everything stored is pinned: nothing to evict
+        await node.node.ops.pin(repo, "both", Digest.parse(first[0]), [Digest.parse(second[0])])  # everything stored is pinned: nothing to evict
         for _ in range(2):
             response = await get_blob(client, repo, big[0])
             assert response.status_code == 200 and response.content == big[1]

@@ -147,7 +147,7 @@ async def test_purge_tag_digest_and_repository(make_mirror, relay, upstream, ups
             assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
         for digest in (shared_digest, extra):
             assert (await client.get(f"/v2/{other}/blobs/{digest}")).status_code == 200
-        await node.node.quota.pin([own_digest])  # purge takes pinned content down too
+        await node.node.ops.pin(repo, "own", Digest.parse(own_digest), [])  # purge takes pinned content down too
         async with admin_url(node) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as admin:
             by_tag = (await admin.post("/admin/purge", json={"reference": f"{repo}:v1"})).json()
             assert await node.node.metadata.get_tag(repo, "v1") is None
@@ -184,7 +184,7 @@ async def test_gc_du_and_stats(make_mirror, relay, upstream, upstream_client) ->
         for digest in image.blobs:
             await client.get(f"/v2/{repo}/blobs/{digest}")
         await client.get(f"/v2/{repo}/blobs/{image.layers[0][0]}")  # one hit
-    await node.node.quota.pin([image.layers[1][0]])
+    await node.node.ops.pin(repo, "layer", Digest.parse(image.layers[1][0]), [])
     async with admin_url(node) as url:  # no token configured: loopback is enough
         du_code, du_out, du_err = await cli("du", "--server", url)
         stats_code, stats_out, _ = await cli("stats", "--server", url)

@@ -5,7 +5,13 @@
     GET    /admin/jobs                                            -> {"jobs": [job, ...]}
     GET    /admin/jobs/{id}                                       -> job
     DELETE /admin/jobs/{id}                                       -> job (cancelled)
-    POST   /admin/unpin     {"images": [...]}                     -> {"unpinned": [digest, ...]}
+    POST   /admin/unpin     {"images": [...]}                     -> {"unpinned": [digest no pin holds now],
+                                                                     "pins": [{"pin", "released", "kept"}],
+                                                                     "unknown": [image, ...]}
+    GET    /admin/pins                                            -> {"pins": [{"pin", "registry",
+                                                                     "repository", "reference", "digest",
+                                                                     "created", "objects", "bytes",
+                                                                     "exclusive_bytes"}, ...]}
     GET    /admin/top?n=20                                        -> {"top": [{repository, tag, pulls,
                                                                      last_pull}, ...]}
 
@@ -27,8 +33,6 @@ from aiohttp import web
 from mirror import errors
 from mirror.api.handlers import NODE
 from mirror.ops.prewarm import parse_image
-from mirror.registry import manifest as manifests
-from mirror.registry.digest import Digest
 
 MAX_IMAGES = 10_000
 MAX_TOP = 1000
@@ -86,40 +90,22 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 async def unpin(request: web.Request) -> web.Response:
-    """Unpin images: their manifests (an index with its stored children) and blobs."""
+    """Remove the pins of images; objects another pinned image holds stay pinned."""
     node = request.app[NODE]
-    digests: list[Digest] = []
+    removed: list[dict[str, Any]] = []
     missing = []
     for text in _images(await _json(request)):
         ref = parse_image(text, node.namespaces)
-        digest = ref.digest
-        if digest is None:
-            record = await node.metadata.get_tag(ref.repo, str(ref.tag))
-            digest = record.digest if record is not None else None
-        if digest is None:
+        found = await node.ops.unpin(ref.repo, ref.reference)
+        if not found:
             missing.append(text)
-            continue
-        digests.extend(await _closure(node, ref.repo, digest))
-    await node.ops.unpin(digests)
-    return web.json_response({"unpinned": list(dict.fromkeys(map(str, digests))), "unknown": missing})
+        removed.extend(found)
+    released = list(dict.fromkeys(d for entry in removed for d in entry["released"]))
+    return web.json_response({"unpinned": released, "pins": removed, "unknown": missing})
 
 
-async def _closure(node: Any, repo: str, digest: Digest) -> list[Digest]:
-    """A stored manifest, its stored children and their blobs."""
-    found = [digest]
-    record = await node.metadata.get_object(digest)
-    if record is None or record.media_type is None:
-        return found
-    try:
-        result = await node.manifests.by_digest(repo, digest)
-        parsed = manifests.parse(result.raw, result.media_type)
-    except errors.RegistryError:
-        return found
-    for child in parsed.children:
-        if await node.metadata.get_object(child.digest) is not None:
-            found.extend(await _closure(node, repo, child.digest))
-    found.extend(d.digest for d in parsed.blobs())
-    return found
+async def list_pins(request: web.Request) -> web.Response:
+    return web.json_response({"pins": await request.app[NODE].ops.pins.list()})
 
 
 async def top(request: web.Request) -> web.Response:
@@ -135,4 +121,5 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_get("/admin/jobs/{id}", get_job)
     router.add_delete("/admin/jobs/{id}", cancel_job)
     router.add_post("/admin/unpin", unpin)
+    router.add_get("/admin/pins", list_pins)
     router.add_get("/admin/top", top)

@@ -217,7 +217,7 @@ async def usage(node: Node) -> dict[str, Any]:
     def read(db: sqlite3.Connection) -> dict[str, Any]:
         objects, size = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM objects").fetchone()
         pinned, pinned_size = db.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM objects WHERE pinned=1").fetchone()
+            "SELECT count(*), coalesce(sum(size), 0) FROM objects WHERE pinned > 0").fetchone()
         tags = dict(db.execute("SELECT repo, count(*) FROM tags GROUP BY repo").fetchall())
         repositories = [
             {"repository": repo, "objects": count, "bytes": total, "tags": tags.get(repo, 0)}

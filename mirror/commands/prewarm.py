@@ -81,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
 
 def run_unpin(args: argparse.Namespace) -> int:
     result = AdminClient.from_args(args).call("POST", "/admin/unpin", json={"images": args.images})
-    print(f"unpinned {len(result['unpinned'])} objects")
+    for entry in result["pins"]:
+        print(f"unpinned {entry['pin']}: {len(entry['released'])} objects released"
+              + (f", {len(entry['kept'])} still pinned by other images" if entry["kept"] else ""))
     for text in result["unknown"]:
-        print(f"  not cached: {text}")
+        print(f"  not pinned: {text}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from mirror.ops.popularity import KeepFresh, Popularity
 from mirror.ops.prewarm import Warmer
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Tag
-from mirror.storage import quota
+from mirror.storage.pins import PinKey, Pins
 
 if TYPE_CHECKING:
     from mirror.node import Node
@@ -41,6 +42,8 @@ class Operations:
         self.node = node
         settings = node.settings
         self.instance_id = str(uuid.uuid4())
+        self.registry = urlsplit(node.upstream.base_url).netloc.lower()
+        self.pins = Pins(node.metadata)
         self.warmer = Warmer(node, pin=self.pin)
         self.jobs = self.warmer.jobs
         self.notifications = Notifications(node, self.warmer)
@@ -99,11 +102,21 @@ class Operations:
             "useragent": request.headers.get("User-Agent", ""),
         }
 
-    # -- pins (mirror.storage.quota keeps pinned objects from eviction) --------------------
+    # -- pins (mirror.storage.pins; eviction skips what a pin holds) -----------------------
 
-    async def pin(self, digests: list[Digest]) -> None:
-        """Exempt these objects from eviction."""
-        await quota.pin(self.node, digests, "prewarm --pin")
+    def pin_key(self, repo: str, reference: str) -> PinKey:
+        """The pin of `repo:reference` on this node's upstream."""
+        return PinKey(self.registry, repo, reference)
 
-    async def unpin(self, digests: list[Digest]) -> None:
-        await quota.unpin(self.node, digests, "unpin")
+    async def pin(self, repo: str, reference: str, digest: Digest, objects: list[Digest]) -> None:
+        """Pin one image (prewarm --pin) with the objects it is made of."""
+        count = await self.pins.pin(self.pin_key(repo, reference), digest, objects)
+        log.info("pinned %s (%d objects)", self.pin_key(repo, reference), count)
+
+    async def unpin(self, repo: str, reference: str) -> list[dict[str, object]]:
+        """Unpin the pins of `repo` named by `reference`; what other pins share stays pinned."""
+        removed = await self.pins.unpin(self.registry, repo, reference)
+        for entry in removed:
+            log.info("unpinned %s: %d objects released, %d still pinned by other images", entry["pin"],
+                     len(entry["released"]), len(entry["kept"]))
+        return removed

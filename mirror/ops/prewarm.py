@@ -48,7 +48,8 @@ KEEP_JOBS = 100
 DEFAULT_PLATFORM = "linux/amd64"
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
-Pin = Callable[[list[Digest]], Awaitable[None]]
+#: pin(repo, reference, top digest, objects): keep one image's objects from eviction.
+Pin = Callable[[str, str, Digest, list[Digest]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,17 @@ def parse_platforms(value: str | None) -> list[manifests.Platform] | None:
     if value == "all":
         return None
     return [manifests.Platform.parse(p.strip()) for p in value.split(",") if p.strip()]
+
+
+@dataclass
+class Plan:
+    """One resolved image of a job: its manifests, all its blobs, and the blobs this job fetches."""
+
+    ref: ImageRef
+    digest: Digest
+    listed: list[Digest]
+    blobs: list[Digest] = field(default_factory=list)
+    fetch: list[manifests.Descriptor] = field(default_factory=list)
 
 
 @dataclass
@@ -247,15 +259,10 @@ class Warmer:
                 if plan is not None:
                     plans.append(plan)
             if blobs:
-                await asyncio.gather(*(self._warm_blob(job, ref, d) for ref, _, wanted in plans
-                                       for d in wanted))
+                await asyncio.gather(*(self._warm_blob(job, plan.ref, d) for plan in plans
+                                       for d in plan.fetch))
             if job.pin and self.pin is not None:
-                pinned = [d for _, listed, wanted in plans for d in (*listed, *(b.digest for b in wanted))]
-                try:
-                    await self.pin(pinned)
-                except Exception as exc:
-                    log.exception("pinning prewarmed images failed")
-                    job.error("*", f"pinning failed: {exc}")
+                await self._pin(job, plans)
             job.state = "failed" if job.errors else "done"
         except asyncio.CancelledError:
             job.state = "cancelled"
@@ -271,7 +278,7 @@ class Warmer:
                      job.state, job.blobs_done, job.blobs_cached, job.bytes_fetched, len(job.errors))
 
     async def _resolve(self, job: Job, ref: ImageRef, platforms: list[manifests.Platform] | None
-                       ) -> tuple[ImageRef, list[Digest], list[manifests.Descriptor]] | None:
+                       ) -> Plan | None:
         """The manifests (fetched now) and blobs (counted into the totals) of one image."""
         try:
             top = await self._manifest(ref.repo, ref.tag, ref.digest)
@@ -284,14 +291,29 @@ class Warmer:
             job.error(ref.text, str(exc))
             return None
         job.manifests += len(listed)
-        blobs = []
+        plan = Plan(ref, top.digest, listed)
         for image in images:
             for descriptor in image.blobs():
+                plan.blobs.append(descriptor.digest)
                 if job.add_blob(ref.repo, descriptor.digest, descriptor.size):
-                    blobs.append(descriptor)
+                    plan.fetch.append(descriptor)
         job.resolved.append({"image": ref.text, "repository": ref.repo, "digest": str(top.digest),
                              "mediaType": top.media_type, "manifests": [str(d) for d in listed]})
-        return ref, listed, blobs
+        return plan
+
+    async def _pin(self, job: Job, plans: list[Plan]) -> None:
+        """Pin each image that resolved, as the operator named it, with what it is made of.
+
+        A blob that failed to download is pinned too: it is held as soon as a
+        later pull or prewarm stores it.
+        """
+        assert self.pin is not None
+        for plan in plans:
+            try:
+                await self.pin(plan.ref.repo, plan.ref.reference, plan.digest, [*plan.listed, *plan.blobs])
+            except Exception as exc:
+                log.exception("pinning %s failed", plan.ref.text)
+                job.error(plan.ref.text, f"pinning failed: {exc}")
 
     async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
         if digest is not None:

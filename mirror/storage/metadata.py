@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS tags (
     fetched_at REAL NOT NULL, PRIMARY KEY (repo, tag));
 CREATE TABLE IF NOT EXISTS tag_lists (
     repo TEXT PRIMARY KEY, tags TEXT NOT NULL, fetched_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+    registry TEXT NOT NULL, repo TEXT NOT NULL, reference TEXT NOT NULL, digest TEXT NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (registry, repo, reference));
+CREATE TABLE IF NOT EXISTS pin_objects (
+    registry TEXT NOT NULL, repo TEXT NOT NULL, reference TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (registry, repo, reference, digest));
+CREATE INDEX IF NOT EXISTS pin_objects_by_digest ON pin_objects (digest);
 """
 
 
@@ -224,9 +231,10 @@ class Metadata:
         now = time.time()
         await self._run(
             self._sql,
-            "INSERT INTO objects VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT(digest) DO UPDATE SET "
+            "INSERT INTO objects VALUES (?, ?, ?, ?, ?, "
+            "(SELECT count(*) FROM pin_objects WHERE digest=?)) ON CONFLICT(digest) DO UPDATE SET "
             "size=excluded.size, media_type=coalesce(excluded.media_type, media_type)",
-            (key, size, media_type, now, now),
+            (key, size, media_type, now, now, key),
         )
 
     async def forget_object(self, digest: Digest) -> None:
@@ -241,14 +249,8 @@ class Metadata:
         self._sql("DELETE FROM objects WHERE digest=?", (key,))
         self._sql("DELETE FROM links WHERE digest=?", (key,))
 
-    async def set_pinned(self, digests: list[Digest], pinned: bool) -> None:
-        """Mark objects pinned (exempt from eviction) or not (`objects.pinned`)."""
-        rows = [(int(pinned), str(d)) for d in digests]
-        await self._run(lambda: self._db.executemany(  # type: ignore[union-attr]
-            "UPDATE objects SET pinned=? WHERE digest=?", rows))
-
     async def pinned(self, digest: Digest) -> bool:
-        """True when the object is pinned."""
+        """True when at least one pin holds the object (`objects.pinned` counts the pins)."""
         rows = await self._run(self._sql, "SELECT pinned FROM objects WHERE digest=?", (str(digest),))
         return bool(rows and rows[0][0])
 

@@ -18,8 +18,8 @@ admitted by :meth:`Quota.admit` *before* its response headers are sent:
 So concurrent fetches cannot overshoot together: the store stays under the
 high watermark, in-flight temp files included.
 
-Eviction never removes a pinned object (`objects.pinned`, set by `prewarm
---pin` through :func:`pin`), an object an open response is still reading
+Eviction never removes a pinned object (`objects.pinned`, the count of pins
+holding it, kept by :mod:`mirror.storage.pins`), an object an open response is still reading
 (counted per digest by :meth:`Quota.hold`; on NFS an unlinked open file
 gives ESTALE), nor a blob in flight. Access times are batched in memory
 (`Metadata.touch`), flushed every ACCESS_FLUSH_INTERVAL seconds and before
@@ -48,7 +48,7 @@ import logging
 import os
 import sqlite3
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +59,6 @@ from mirror.storage.blobstore import DigestMismatch
 
 if TYPE_CHECKING:
     from mirror.config import Settings
-    from mirror.node import Node
     from mirror.observe.metrics import Metrics
     from mirror.proxy.fetcher import BlobFetch, Fetcher
     from mirror.storage.blobstore import BlobStore, BlobWriter
@@ -492,42 +491,9 @@ class Quota:
         count, freed = await self.evict_to(target)
         return {"evicted": count, "bytes": freed, "used": self.used}
 
-    # -- pins -----------------------------------------------------------------------
-
-    async def pin(self, digests: Iterable[Digest | str], label: str = "") -> int:
-        """Exempt objects from eviction (`objects.pinned`); returns how many were named."""
-        keys = _digests(digests)
-        await self.metadata.set_pinned(keys, True)
-        if label:
-            log.info("pinned %d objects (%s)", len(keys), label)
-        return len(keys)
-
-    async def unpin(self, digests: Iterable[Digest | str], label: str = "") -> int:
-        """Make objects evictable again."""
-        keys = _digests(digests)
-        await self.metadata.set_pinned(keys, False)
-        if label:
-            log.info("unpinned %d objects (%s)", len(keys), label)
-        return len(keys)
-
-
 def _candidates(offset: int) -> Callable[[sqlite3.Connection], list[Any]]:
     """The next eviction candidates, least recently used first, after `offset` skipped ones."""
     def query(db: sqlite3.Connection) -> list[Any]:
         return db.execute(_CANDIDATES, (EVICT_BATCH, offset)).fetchall()
 
     return query
-
-
-def _digests(values: Iterable[Digest | str]) -> list[Digest]:
-    return list(dict.fromkeys(v if isinstance(v, Digest) else Digest.parse(v) for v in values))
-
-
-async def pin(node: Node, digests: Iterable[Digest | str], label: str = "") -> int:
-    """Pin objects of `node` (prewarm --pin): never evicted, purge still removes them."""
-    return await node.quota.pin(digests, label)
-
-
-async def unpin(node: Node, digests: Iterable[Digest | str], label: str = "") -> int:
-    """Unpin objects of `node`."""
-    return await node.quota.unpin(digests, label)
