@@ -48,7 +48,7 @@ class Operations:
         self.jobs = self.warmer.jobs
         self.notifications = Notifications(node, self.warmer)
         self.events = PullEvents(settings.notifications, source(settings.http.bind, self.instance_id),
-                                 node.metrics.registry)
+                                 node.metrics.registry, settings.metadata_dir / "events")
         self.popularity = Popularity(settings.metadata_dir / "popularity.json")
         prefetch = settings.mirror.prefetch
         self.keep_fresh = KeepFresh(self.popularity, prefetch.keep_fresh, prefetch.interval,
@@ -57,6 +57,7 @@ class Operations:
     def start(self) -> None:
         """Start the background loops (inside the running event loop)."""
         self.popularity.load()
+        self.warmer.resume()
         self.events.start()
         self.keep_fresh.start()
 

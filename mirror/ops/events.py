@@ -11,24 +11,33 @@ endpoint's `headers` and `timeout`. A 2xx/3xx answer is success. After
 attempts, and retries the same envelope until it is delivered (as
 distribution's retrying sink does).
 
-Unlike distribution, the queue in front of each endpoint is bounded
-(:data:`QUEUE_LIMIT` events): when an endpoint stays down, new events are
-dropped, counted in `mirror_notification_events_dropped_total{endpoint}` and
-logged, and memory stays bounded. Events still queued at shutdown are lost.
+The queue in front of each endpoint is on local disk (a `diskcache.Deque`
+under `<metadata_dir>/events/<endpoint>`): an event is written there before
+the pull's response is sent, and removed only after an envelope holding it
+was accepted, so events survive a restart or a `kill -9` and are delivered
+at least once (a crash between delivery and removal sends an envelope again;
+receivers already tolerate distribution's duplicates). Unlike distribution,
+the queue is bounded (:data:`QUEUE_LIMIT` events): when an endpoint stays
+down, new events are dropped, counted in
+`mirror_notification_events_dropped_total{endpoint}` and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import re
 import socket
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+from diskcache import Deque
 from prometheus_client import CollectorRegistry, Counter
 
 from mirror.config import NotificationEndpoint
@@ -65,16 +74,18 @@ class EventMetrics:
 
 
 class EndpointSink:
-    """One endpoint: a bounded queue and one sender with distribution's retry semantics."""
+    """One endpoint: a bounded queue on disk and one sender with distribution's retry semantics."""
 
-    def __init__(self, endpoint: NotificationEndpoint, metrics: EventMetrics,
+    def __init__(self, endpoint: NotificationEndpoint, metrics: EventMetrics, directory: Path,
                  limit: int | None = None) -> None:
         self.endpoint = endpoint
         self.metrics = metrics
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=limit or QUEUE_LIMIT)
+        self.limit = limit or QUEUE_LIMIT
+        self.queue = Deque(directory=str(directory / _slug(endpoint.name)))
         self.failures = 0
         self.last_failure = 0.0
         self.dropped = 0
+        self._waiting = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         headers = [(name, value) for name, values in endpoint.headers.items() for value in values]
         headers.append(("Content-Type", EVENTS_MEDIA_TYPE))
@@ -82,6 +93,9 @@ class EndpointSink:
                                          follow_redirects=False)
 
     def start(self) -> None:
+        if len(self.queue):
+            log.info("notification endpoint %s: %d pull events queued from before, delivering",
+                     self.endpoint.name, len(self.queue))
         self._task = asyncio.create_task(self._run(), name=f"events-{self.endpoint.name}")
 
     async def close(self) -> None:
@@ -89,6 +103,7 @@ class EndpointSink:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._client.aclose()
+        self.queue.cache.close()
 
     def wants(self, event: dict[str, Any]) -> bool:
         """False for events this endpoint's `ignore` settings exclude."""
@@ -97,24 +112,39 @@ class EndpointSink:
         return event["target"].get("mediaType") not in self.endpoint.ignoredmediatypes
 
     def offer(self, event: dict[str, Any]) -> None:
-        """Queue an event, or drop and count it when the queue is full."""
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        """Queue an event on disk, or drop and count it when the queue is full."""
+        if len(self.queue) >= self.limit:
             self.dropped += 1
             self.metrics.dropped.labels(self.endpoint.name).inc()
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("notification endpoint %s: queue full, %d pull events dropped so far",
                             self.endpoint.name, self.dropped)
+            return
+        self.queue.append(event)
+        self._waiting.set()
 
     async def _run(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            while len(batch) < BATCH and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            batch = await asyncio.to_thread(self._peek)
+            if not batch:
+                self._waiting.clear()
+                if not len(self.queue):
+                    await self._waiting.wait()
+                continue
             body = json.dumps({"events": batch}).encode()
             await self._deliver(body)
+            await asyncio.to_thread(self._remove, len(batch))
             self.metrics.sent.labels(self.endpoint.name).inc(len(batch))
+
+    def _peek(self) -> list[dict[str, Any]]:
+        return list(itertools.islice(self.queue, BATCH))
+
+    def _remove(self, count: int) -> None:
+        for _ in range(count):
+            try:
+                self.queue.popleft()
+            except IndexError:
+                return
 
     async def _deliver(self, body: bytes) -> None:
         """Send until accepted; back off after `threshold` consecutive failures."""
@@ -146,10 +176,10 @@ class PullEvents:
     """Builds pull events and hands them to every configured endpoint."""
 
     def __init__(self, endpoints: tuple[NotificationEndpoint, ...], source: dict[str, str],
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, directory: Path) -> None:
         self.source = source
         metrics = EventMetrics(registry)
-        self.sinks = [EndpointSink(e, metrics) for e in endpoints if not e.disabled and e.url]
+        self.sinks = [EndpointSink(e, metrics, directory) for e in endpoints if not e.disabled and e.url]
 
     @property
     def enabled(self) -> bool:
@@ -184,3 +214,8 @@ class PullEvents:
         for sink in self.sinks:
             if sink.wants(event):
                 sink.offer(event)
+
+
+def _slug(name: str) -> str:
+    """An endpoint's name as a directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"

@@ -11,7 +11,11 @@ the same downloads, and nothing stored is fetched again.
 
 Jobs run as background work (:mod:`mirror.upstream.budget`): on-demand pulls
 go first on the link. Their progress (blobs and bytes done/total, errors,
-state) is kept in memory for the last :data:`KEEP_JOBS` jobs.
+state) is kept for the last :data:`KEEP_JOBS` jobs, in memory and in a
+`diskcache.Index` under `<metadata_dir>/jobs` (written at every state change
+and at most every :data:`SAVE_EVERY` seconds of progress). A job a restart or
+a crash interrupted is started again under its id when the node starts: what
+it had stored counts as already cached, so it goes on where it stopped.
 
 The same machinery refreshes a tag (:meth:`Warmer.refresh_tag`) for push
 notifications and keep-fresh: HEAD upstream, fetch what moved, then point
@@ -26,8 +30,11 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from diskcache import Index
 
 from mirror import errors
 from mirror.proxy.fetcher import BlobFetch
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 
 BLOB_CONCURRENCY = 4
 KEEP_JOBS = 100
+SAVE_EVERY = 1.0  # seconds between progress saves of a running job
 DEFAULT_PLATFORM = "linux/amd64"
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
@@ -146,6 +154,8 @@ class Job:
     bytes_fetched: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
     resolved: list[dict[str, Any]] = field(default_factory=list)
+    resumed: int = 0  # times a restart interrupted it and it was started again
+    saved: float = 0.0  # monotonic time of the last progress save
     active: dict[Digest, BlobFetch] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     _seen: set[tuple[str, Digest]] = field(default_factory=set)
@@ -185,16 +195,26 @@ class Job:
             "blobs_total": self.blobs_total, "blobs_done": self.blobs_done,
             "blobs_cached": self.blobs_cached, "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done, "bytes_fetched": self.bytes_fetched,
-            "errors": self.errors, "resolved": self.resolved,
+            "errors": self.errors, "resolved": self.resolved, "resumed": self.resumed,
         }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Job:
+        """A job as :meth:`to_json` saved it (finished jobs: history only)."""
+        names = {f.name for f in fields(cls)} - {"active", "task", "_seen", "saved"}
+        job = cls(**{k: v for k, v in record.items() if k in names})
+        job.bytes_completed = record.get("bytes_done", 0)
+        return job
 
 
 class Jobs:
-    """The node's recent jobs, by id (bounded)."""
+    """The node's recent jobs, by id (bounded), saved on local disk when given a directory."""
 
-    def __init__(self, keep: int = KEEP_JOBS) -> None:
+    def __init__(self, keep: int = KEEP_JOBS, directory: Path | None = None) -> None:
         self.keep = keep
+        self.closing = False
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._saved = Index(str(directory)) if directory is not None else None
 
     def add(self, job: Job) -> Job:
         self._jobs[job.id] = job
@@ -203,7 +223,29 @@ class Jobs:
             if oldest is None:
                 break
             del self._jobs[oldest.id]
+            if self._saved is not None:
+                self._saved.pop(oldest.id, None)
+        self.save(job)
         return job
+
+    def save(self, job: Job, *, progress: bool = False) -> None:
+        """Write a job's state to disk; a progress save at most every SAVE_EVERY seconds."""
+        if self._saved is None or job.kind != "prewarm":
+            return
+        now = time.monotonic()
+        if progress and now - job.saved < SAVE_EVERY:
+            return
+        job.saved = now
+        try:
+            self._saved[job.id] = job.to_json()
+        except Exception:  # a full or broken disk: the job goes on, unsaved
+            log.warning("could not save prewarm job %s", job.id, exc_info=True)
+
+    def saved(self) -> list[dict[str, Any]]:
+        """Every saved job record, oldest first."""
+        if self._saved is None:
+            return []
+        return sorted(self._saved.values(), key=lambda record: record.get("created", 0))
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -212,10 +254,14 @@ class Jobs:
         return list(self._jobs.values())
 
     async def close(self) -> None:
+        """Stop running jobs; they stay saved as interrupted and resume at the next start."""
+        self.closing = True
         tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._saved is not None:
+            self._saved.cache.close()
 
 
 class Warmer:
@@ -224,7 +270,7 @@ class Warmer:
     def __init__(self, node: Node, pin: Pin | None = None) -> None:
         self.node = node
         self.pin = pin
-        self.jobs = Jobs()
+        self.jobs = Jobs(directory=node.settings.metadata_dir / "jobs")
         self._blob_slots = asyncio.Semaphore(BLOB_CONCURRENCY)
 
     # -- jobs -----------------------------------------------------------------
@@ -241,9 +287,35 @@ class Warmer:
         except ValueError as exc:
             raise errors.RegistryError(str(exc), status=400) from exc
         job = Job(secrets.token_hex(8), [r.text for r in refs], platform or DEFAULT_PLATFORM, pin)
+        return self._start(job, refs, platforms)
+
+    def _start(self, job: Job, refs: list[ImageRef], platforms: list[manifests.Platform] | None) -> Job:
         with background():
             job.task = asyncio.create_task(self._run_job(job, refs, platforms), name=f"prewarm-{job.id}")
         return self.jobs.add(job)
+
+    def resume(self) -> None:
+        """Start again the saved jobs a stop interrupted; keep the finished ones as history."""
+        for record in self.jobs.saved():
+            job = Job.from_json(record)
+            if job.state not in ("queued", "running"):
+                self.jobs.add(job)
+                continue
+            job.resumed += 1
+            job.state, job.finished = "queued", None
+            job.manifests = job.blobs_total = job.blobs_done = job.blobs_cached = 0
+            job.bytes_total = job.bytes_completed = 0
+            job.errors, job.resolved = [], []
+            try:
+                refs = [parse_image(text, self.node.namespaces) for text in job.images]
+                platforms = parse_platforms(job.platform)
+            except (errors.RegistryError, ValueError) as exc:
+                job.error("*", f"cannot resume: {exc}")
+                job.state, job.finished = "failed", time.time()
+                self.jobs.add(job)
+                continue
+            log.info("prewarm job %s interrupted by a restart: resuming (%d images)", job.id, len(refs))
+            self._start(job, refs, platforms)
 
     def cancel(self, job: Job) -> None:
         if job.task is not None and not job.task.done():
@@ -252,6 +324,7 @@ class Warmer:
     async def _run_job(self, job: Job, refs: list[ImageRef],
                        platforms: list[manifests.Platform] | None, *, blobs: bool = True) -> None:
         job.state, job.started = "running", time.time()
+        self.jobs.save(job)
         try:
             plans = []
             for ref in refs:
@@ -265,15 +338,16 @@ class Warmer:
                 await self._pin(job, plans)
             job.state = "failed" if job.errors else "done"
         except asyncio.CancelledError:
-            job.state = "cancelled"
+            job.state = "queued" if self.jobs.closing else "cancelled"  # a stop: resumed at the next start
             raise
         except Exception as exc:  # a bug: the job ends failed, visibly
             log.exception("prewarm job %s failed", job.id)
             job.error("*", f"internal error: {exc}")
             job.state = "failed"
         finally:
-            job.finished = time.time()
+            job.finished = None if job.state == "queued" else time.time()
             job.active.clear()
+            self.jobs.save(job)
             log.info("prewarm job %s %s: %d blobs (%d cached), %d bytes fetched, %d errors", job.id,
                      job.state, job.blobs_done, job.blobs_cached, job.bytes_fetched, len(job.errors))
 
@@ -351,6 +425,7 @@ class Warmer:
                 job.error(ref.text, f"{exc.code}: {exc.message}", descriptor.digest)
                 return
             job.blob_done(descriptor.size, fetched, cached)
+            self.jobs.save(job, progress=True)
 
     async def fetch_blob(self, repo: str, digest: Digest, job: Job | None = None) -> tuple[bool, int]:
         """Make sure `digest` is stored and linked to `repo`.
