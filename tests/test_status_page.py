@@ -13,6 +13,7 @@ import asyncio
 import base64
 import html
 import logging
+import math
 import re
 import shutil
 import uuid
@@ -40,11 +41,20 @@ async def serve_debug(node) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
 
 
+RUNNERS: dict[str, web.AppRunner] = {}
+
+
 @pytest.fixture
 async def debug_url(mirror):
     runner, url = await serve_debug(mirror.node)
+    RUNNERS[url] = runner
     yield url
+    del RUNNERS[url]
     await runner.cleanup()
+
+
+def mirror_sampler(url: str) -> Sampler:
+    return RUNNERS[url].app[SAMPLER]
 
 
 async def chromium(tmp_path: Path, url: str, *args: str) -> tuple[str, str]:
@@ -180,7 +190,26 @@ async def test_status_json_counts_and_history(mirror, debug_url, upstream, upstr
     assert body["history"] and body["history"][-1]["requests"] == 4
     assert body["top"][0]["repository"] == repo
     assert body["inflight"] == [] and body["inflight_count"] == 0
-    assert body["upstream"]["up"] is True and body["upstream"]["probe_seconds"] >= 0
+    assert body["upstream"]["up"] is True and body["upstream"]["checked_by"] == "traffic"
+
+
+async def test_upstream_health_from_traffic_else_one_probe(mirror, debug_url, relay) -> None:
+    """No traffic: a scrape probes `/v2/` (once a minute at most); a dead link reads 0."""
+    async with httpx.AsyncClient() as client:
+        first = (await client.get(f"{debug_url}/admin/status")).json()["upstream"]
+        await client.get(f"{debug_url}/metrics")
+        probes = relay.count("GET", "/v2/")
+        relay.down = True
+        try:
+            mirror_sampler(debug_url)._checked = -math.inf  # as if a minute had passed
+            text = (await client.get(f"{debug_url}/metrics")).text
+            down = (await client.get(f"{debug_url}/admin/status")).json()["upstream"]
+        finally:
+            relay.down = False
+    assert first["up"] is True and first["checked_by"] == "probe" and first["probe_seconds"] >= 0
+    assert probes == 1  # the second scrape, within the minute, did not probe again
+    assert "mirror_upstream_up 0.0" in text
+    assert down["up"] is False
 
 
 def test_history_is_per_interval_differences(tmp_path) -> None:

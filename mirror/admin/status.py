@@ -11,15 +11,16 @@ hold: a ring of per-minute samples (hit ratio and link bytes over the last
 hours), the rate of each fetch in flight, the last errors logged, and the
 prewarm jobs.
 
-The sampler also probes upstream's `/v2/` once a minute and exports the result
-as `mirror_upstream_up` and `mirror_upstream_probe_seconds`, so an alert sees an
-unreachable upstream even when no client is pulling.
+`mirror_upstream_up` is kept current at scrape time (:meth:`Sampler.upstream_health`):
+from the node's own upstream traffic when there is some, else from a probe of
+`/v2/`, so an alert sees an unreachable upstream even when no client pulls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from mirror.observe.gauges import refresh_store_gauges  # the same refresh `/met
 from mirror.observe.metrics import sample_sum
 
 SAMPLE_INTERVAL = 60.0  # seconds per history point
+PROBE_AFTER = 60.0  # seconds without upstream traffic before a scrape probes it
 HISTORY = 6 * 60  # points kept: six hours of minutes
 RECENT_ERRORS = 50
 TOP_IMAGES = 10
@@ -78,7 +80,11 @@ class Sampler:
         self.interval = interval
         self.samples: deque[Sample] = deque(maxlen=limit)
         self.errors = RecentErrors()
-        self.probed_at: float | None = None
+        self.checked_at: float | None = None  # wall time upstream's state was last known
+        self.checked_by: str | None = None  # "traffic" or "probe"
+        self._answered = 0.0  # upstream responses below 500 counted at the last check
+        self._checked = -math.inf  # monotonic time of the last check
+        self._probing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def current(self) -> Sample:
@@ -88,21 +94,42 @@ class Sampler:
         return Sample(time.time(), local, sample_sum(metrics.cache, "_total"),
                       sample_sum(metrics.bytes_saved, "_total"), sample_sum(metrics.upstream_bytes, "_total"))
 
+    def _answered_now(self) -> float:
+        counts = _by_label(self.node.metrics.upstream_requests, "status")
+        return sum(count for status, count in counts.items() if not status.startswith("5"))
+
+    async def upstream_health(self) -> None:
+        """Keep `mirror_upstream_up` current, at scrape time.
+
+        Upstream answering the node's own requests since the last check is
+        proof enough; only a node with no such traffic for PROBE_AFTER seconds
+        probes `/v2/` (one probe at a time, bounded by the upstream timeouts).
+        So a busy node adds no requests, and an idle one one per minute at
+        most, driven by whoever watches it.
+        """
+        answered = self._answered_now()
+        if answered != self._answered:
+            self._answered, self._checked = answered, time.monotonic()
+            self.node.metrics.upstream_up.set(1)
+            self.checked_at, self.checked_by = time.time(), "traffic"
+            return
+        async with self._probing:
+            if time.monotonic() - self._checked < PROBE_AFTER:
+                return
+            await self.probe()
+            self._answered, self._checked = self._answered_now(), time.monotonic()
+
     async def probe(self) -> None:
         """Ask upstream's `/v2/`; record reachability and latency as gauges."""
         started = time.perf_counter()
         up = await self.node.upstream.ping()
         self.node.metrics.upstream_up.set(1 if up else 0)
         self.node.metrics.upstream_probe_seconds.set(time.perf_counter() - started)
-        self.probed_at = time.time()
+        self.checked_at, self.checked_by = time.time(), "probe"
 
     async def _loop(self) -> None:
         while True:
             self.samples.append(self.current())
-            try:
-                await self.probe()
-            except Exception:  # never let the page's sampler die
-                logging.getLogger(__name__).exception("upstream probe failed")
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
@@ -153,9 +180,9 @@ def upstream_figures(node: Node, sampler: Sampler) -> dict[str, Any]:
     count = sample_sum(metrics.upstream_seconds, "_count")
     parts = urlsplit(node.upstream.base_url)
     return {"host": parts.hostname or "", "port": parts.port,
-            "up": sample_sum(metrics.upstream_up) == 1 if sampler.probed_at else None,
-            "probe_seconds": sample_sum(metrics.upstream_probe_seconds) if sampler.probed_at else None,
-            "probed_at": sampler.probed_at,
+            "up": sample_sum(metrics.upstream_up) == 1 if sampler.checked_at else None,
+            "checked_at": sampler.checked_at, "checked_by": sampler.checked_by,
+            "probe_seconds": sample_sum(metrics.upstream_probe_seconds) if sampler.checked_by == "probe" else None,
             "requests": sample_sum(metrics.upstream_requests, "_total"),
             "mean_seconds": sample_sum(metrics.upstream_seconds, "_sum") / count if count else None,
             "errors": _by_label(metrics.upstream_errors, "kind"),
@@ -183,6 +210,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
 async def snapshot(node: Node, sampler: Sampler) -> dict[str, Any]:
     """Everything the page shows, at one instant."""
     await refresh_store_gauges(node)
+    await sampler.upstream_health()
     metrics = node.metrics
     now = sampler.current()
     outcomes = _by_label(metrics.cache, "outcome")

@@ -24,6 +24,7 @@ async def metrics(request: web.Request) -> web.Response:
     """`/metrics` in the Prometheus text format."""
     node = request.app[NODE]
     await refresh_store_gauges(node)
+    await request.app[status.SAMPLER].upstream_health()
     return web.Response(body=node.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
