@@ -16,6 +16,7 @@ import httpx
 from aiohttp import web
 
 from mirror.api.debug import create_debug_app
+from mirror.commands.store import EXIT_CORRUPT
 from mirror.registry.digest import Digest
 from tests.support import images
 from tests.support.images import DOCKER_SCHEMA2
@@ -116,7 +117,7 @@ async def test_offline_verify_and_startup_repair(make_mirror, relay, upstream, u
     with sqlite3.connect(store_root / "metadata" / "metadata.sqlite") as db:
         db.execute("DELETE FROM objects WHERE digest=?", (orphan,))  # a file nobody recorded
     code, out, err = await cli("verify", "--store", str(store_root))
-    assert code == 0, err
+    assert code == EXIT_CORRUPT, err  # cron and monitoring see corruption
     assert "checked 2 objects" in out and "1 corrupt" in out and f"quarantined {corrupt}" in out
     code, _, err = await cli("verify", "--store", str(store_root / "nope"))
     assert code == 2 and "not a mirror store" in err
@@ -206,3 +207,76 @@ async def test_gc_du_and_stats(make_mirror, relay, upstream, upstream_client) ->
     assert after["objects"] == 1 and after["pinned_objects"] == 1  # only the pinned layer is left
     async with node.client(headers=ACCEPT) as client:  # evicted content is refetched on demand
         assert (await client.get(f"/v2/{repo}/manifests/v1")).content == image.manifest
+
+
+async def test_verify_exit_code_and_the_quarantine_command(make_mirror, relay, upstream, upstream_client) -> None:
+    """Corruption makes `verify` fail; `quarantine` lists what it set aside and `--empty` deletes it."""
+    node = await make_mirror(relay.url)
+    repo = repo_name()
+    data = os.urandom(200_000)
+    digest = await images.push_blob(upstream_client, upstream.url, repo, data)
+    async with node.client() as client:
+        assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+    async with admin_url(node) as url:
+        clean, _, _ = await cli("verify", "--server", url)
+        flip_a_byte(object_path(node, digest))
+        corrupt, out, _ = await cli("verify", "--server", url)
+        corrupt_json, _, _ = await cli("verify", "--server", url, "--json")  # nothing left to find
+        listed, listing, _ = await cli("quarantine", "--server", url)
+        _, listing_json, _ = await cli("quarantine", "--server", url, "--json")
+        emptied, empty_out, _ = await cli("quarantine", "--server", url, "--empty")
+        _, after, _ = await cli("quarantine", "--server", url)
+        _, du, _ = await cli("du", "--server", url, "--json")
+    assert clean == 0
+    assert corrupt == EXIT_CORRUPT and "1 corrupt (quarantined)" in out
+    assert corrupt_json == 0
+    assert listed == 0 and digest in listing and "195.3 KiB" in listing
+    report = json.loads(listing_json)
+    assert report["count"] == 1 and report["bytes"] == 200_000 and report["objects"][0]["digest"] == digest
+    assert emptied == 0 and "removed 1 quarantined objects (195.3 KiB)" in empty_out
+    assert "quarantine is empty" in after and json.loads(du)["quarantined_objects"] == 0
+
+
+async def test_offline_quarantine_command(make_mirror, relay, upstream, upstream_client) -> None:
+    node = await make_mirror(relay.url)
+    repo = repo_name()
+    digest = await images.push_blob(upstream_client, upstream.url, repo, os.urandom(50_000))
+    async with node.client() as client:
+        assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+    await node.stop()
+    store_root = Path(node.config["storage"]["filesystem"]["rootdirectory"])
+    flip_a_byte(store_root / "objects" / "sha256" / digest[7:9] / digest[7:], 5)
+    code, _, _ = await cli("verify", "--store", str(store_root))
+    listed, listing, _ = await cli("quarantine", "--store", str(store_root), "--json")
+    emptied, _, _ = await cli("quarantine", "--store", str(store_root), "--empty")
+    left = list((store_root / "quarantine").iterdir())
+    not_a_store, _, err = await cli("quarantine", "--store", str(store_root / "nope"))
+    assert code == EXIT_CORRUPT and listed == 0 and json.loads(listing)["objects"][0]["digest"] == digest
+    assert emptied == 0 and left == []
+    assert not_a_store == 2 and "not a mirror store" in err
+
+
+async def test_stats_counters_survive_a_restart(make_mirror, relay, upstream, upstream_client) -> None:
+    node = await make_mirror(relay.url)
+    repo = repo_name()
+    data = os.urandom(100_000)
+    digest = await images.push_blob(upstream_client, upstream.url, repo, data)
+    async with admin_url(node) as url:
+        async with node.client() as client:
+            for _ in range(3):  # a miss, then two hits
+                assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+        async with httpx.AsyncClient(base_url=url) as admin:
+            before = (await admin.get("/admin/stats")).json()
+    await node.restart()  # the debug listener stopped first, as `mirror serve` stops them
+    async with admin_url(node) as url:
+        async with httpx.AsyncClient(base_url=url) as admin:
+            restarted = (await admin.get("/admin/stats")).json()
+        async with node.client() as client:
+            assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+        async with httpx.AsyncClient(base_url=url) as admin:
+            after = (await admin.get("/admin/stats")).json()
+        code, out, _ = await cli("stats", "--server", url)
+    assert before["cache"]["outcomes"] == {"miss": 1, "hit": 2}
+    assert restarted["cache"] == before["cache"] and restarted["link"] == {"saved": 200_000, "fetched": 100_000}
+    assert after["cache"]["outcomes"] == {"miss": 1, "hit": 3}  # this process's counts added once
+    assert code == 0 and "75.0%" in out and "no requests yet" not in out

@@ -15,6 +15,7 @@ from mirror.admin import add_admin_routes, admin_guard, status
 from mirror.api.handlers import NODE
 from mirror.api.middleware import error_middleware
 from mirror.node import Node
+from mirror.observe import lifetime
 from mirror.observe.gauges import refresh_store_gauges
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
@@ -64,6 +65,7 @@ def create_debug_app(node: Node) -> web.Application:
     app[NODE] = node
     add_admin_routes(app)
     status.install(app)
+    app.cleanup_ctx.append(lifetime.running)  # `mirror stats` totals across restarts
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/debug/health", health)
     app.router.add_get("/debug/ready", ready)

@@ -1,8 +1,9 @@
-"""Store tools: `mirror verify`, `mirror gc`, `mirror purge`, `mirror du`, `mirror stats`.
+"""Store tools: `mirror verify`, `quarantine`, `gc`, `purge`, `du`, `stats`.
 
-All but `verify --store DIR` act on a running node through its admin API, so
-its in-memory state (access times, in-flight fetches, open readers) is
-respected; `verify --store DIR` re-hashes a store no node is serving.
+All but `verify --store DIR` and `quarantine --store DIR` act on a running
+node through its admin API, so its in-memory state (access times, in-flight
+fetches, open readers) is respected; with `--store DIR` they work on a store
+no node is serving.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.storage import quarantine
+from mirror.storage.blobstore import path_for
 from mirror.storage.verify import DEFAULT_WORKERS, NotAStore, verify_offline
+
+#: `mirror verify` found objects whose bytes do not match their digest (quarantined),
+#: so cron and monitoring see it; 1 and 2 stay "could not verify" (node, store).
+EXIT_CORRUPT = 3
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,6 +34,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="hashing threads (default 4)")
     verify.add_argument("--json", action="store_true", help="print the raw JSON result")
     verify.set_defaults(func=run_verify)
+
+    quarantined = subparsers.add_parser(
+        "quarantine", help="list the objects verify set aside (--empty deletes them)")
+    add_server_arguments(quarantined)
+    quarantined.add_argument("--store", type=Path, metavar="DIR",
+                             help="act on this store directory offline (when no node is serving it)")
+    quarantined.add_argument("--empty", action="store_true", help="delete every quarantined object")
+    quarantined.add_argument("--json", action="store_true", help="print the raw JSON result")
+    quarantined.set_defaults(func=run_quarantine)
 
     gc = subparsers.add_parser("gc", help="evict least-recently-used objects now")
     add_server_arguments(gc)
@@ -78,14 +95,50 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         client = AdminClient(args.server, args.token, timeout=None)  # type: ignore[arg-type]
         result = client.call("POST", "/admin/verify", params={"workers": max(1, args.workers)})
+    code = EXIT_CORRUPT if result["corrupt"] else 0
     if args.json:
         _print_json(result)
-        return 0
+        return code
     print(f"checked {result['checked']} objects ({human(result['bytes'])}): {result['ok']} ok, "
           f"{result['corrupt']} corrupt (quarantined), {result['missing']} gone meanwhile")
     for digest in result["quarantined"]:
         print(f"quarantined {digest}")
+    return code
+
+
+def run_quarantine(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        if not path_for(args.store, "layout").is_file():
+            print(f"mirror: {args.store}: not a mirror store (no {path_for(args.store, 'layout').name})",
+                  file=sys.stderr)
+            return 2
+        if args.empty:
+            removed, size = quarantine.empty_quarantine(args.store)
+            result: dict[str, Any] = {"removed": removed, "bytes": size}
+        else:
+            result = quarantine.report(args.store)
+    else:
+        client = AdminClient.from_args(args)
+        result = client.call("DELETE" if args.empty else "GET", "/admin/quarantine")
+    if args.json:
+        _print_json(result)
+    elif args.empty:
+        print(f"removed {result['removed']} quarantined objects ({human(result['bytes'])})")
+    else:
+        _print_quarantine(result)
     return 0
+
+
+def _print_quarantine(result: dict[str, Any]) -> None:
+    if not result["objects"]:
+        print("quarantine is empty")
+        return
+    print(f"{'QUARANTINED':<19}  {'SIZE':>10}  OBJECT")
+    for item in result["objects"]:
+        when = item["quarantined_at"]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "-"
+        print(f"{stamp:<19}  {human(item['size']):>10}  {item['digest'] or item['name']}")
+    print(f"{result['count']} objects, {human(result['bytes'])}; `mirror quarantine --empty` deletes them")
 
 
 def run_gc(args: argparse.Namespace) -> int:
@@ -158,5 +211,8 @@ def run_stats(args: argparse.Namespace) -> int:
     for kind, figures in cache["by_kind"].items():
         print(f"  {kind:<10} {_ratio(figures['hit_ratio'])} ({_outcomes(figures['outcomes'])})")
     print(f"evictions    {result['evictions']['objects']} objects, {human(result['evictions']['bytes'])}")
+    if "link" in result:
+        print(f"link         {human(result['link']['saved'])} served from the store, "
+              f"{human(result['link']['fetched'])} fetched from upstream")
     print(f"in flight    {result['inflight']} fetches")
     return 0
