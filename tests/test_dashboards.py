@@ -85,7 +85,8 @@ async def test_every_metric_used_exists_on_a_running_node(scrape, source) -> Non
     assert len(used) >= (15 if source == "dashboard" else 6)
     assert sorted(used - exposed(scrape)) == []
     # The gauges the store panels and the watermark alert compare are filled in at scrape time.
-    for sample in ('mirror_store_limit_bytes{level="high"}', 'mirror_disk_bytes{kind="free"}', "mirror_upstream_up "):
+    gauges = ('mirror_store_limit_bytes{level="high"}', 'mirror_disk_bytes{kind="free"}', "mirror_upstream_up ")
+    for sample in gauges:
         assert sample in scrape
 
 
@@ -96,7 +97,8 @@ def test_dashboard_is_import_ready() -> None:
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
-        assert {"x", "y", "w", "h"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        grid = panel["gridPos"]
+        assert {"x", "y", "w", "h"} <= grid.keys() and grid["x"] + grid["w"] <= 24
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}" and panel["targets"], panel["title"]
 

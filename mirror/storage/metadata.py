@@ -295,8 +295,8 @@ class Metadata:
         rows = [(name, value) for name, value in deltas.items() if value]
         if rows:
             await self.transact(lambda db: db.executemany(
-                "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                rows))
+                "INSERT INTO counters VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", rows))
 
     async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` on the worker thread, in one transaction.
