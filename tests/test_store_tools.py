@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import uuid
@@ -195,7 +196,10 @@ async def test_gc_du_and_stats(make_mirror, relay, upstream, upstream_client) ->
     assert du_code == 0, du_err
     assert "objects      4" in du_out and "pinned       1 objects, 2.0 MiB" in du_out
     assert repo in du_out and "REPOSITORY" in du_out
-    assert stats_code == 0 and "hit ratio" in stats_out and "max 100.0 MiB" in stats_out
+    assert stats_code == 0 and "max 100.0 MiB" in stats_out
+    assert re.search(r"^CACHE +REQUESTS +HIT RATIO +HIT +MISS$", stats_out, re.MULTILINE)
+    assert re.search(r"^blob +4 +25\.0% +1 +3$", stats_out, re.MULTILINE)  # aligned columns
+    assert "\x1b[" not in stats_out + du_out  # no colour into a pipe
     stats = json.loads(stats_json)
     assert stats["cache"]["by_kind"]["blob"]["hit_ratio"] == 0.25  # 1 hit of 4 blob requests
     assert stats["cache"]["outcomes"] == {"hit": 1, "miss": 4}
@@ -280,3 +284,42 @@ async def test_stats_counters_survive_a_restart(make_mirror, relay, upstream, up
     assert restarted["cache"] == before["cache"] and restarted["link"] == {"saved": 200_000, "fetched": 100_000}
     assert after["cache"]["outcomes"] == {"miss": 1, "hit": 3}  # this process's counts added once
     assert code == 0 and "75.0%" in out and "no requests yet" not in out
+
+
+def test_tables_align_and_colour_only_on_a_terminal(monkeypatch) -> None:
+    """`top`, `du` and `stats` print aligned tables; colour needs a terminal and no NO_COLOR."""
+    import io
+    import pty
+
+    from mirror.commands.store import format_du, format_stats
+    from mirror.commands.table import colour_wanted
+    from mirror.commands.top import format_top
+
+    top = format_top([{"repository": "team/app", "tag": "v1", "pulls": 120, "last_pull": 0},
+                      {"repository": "x", "tag": "latest", "pulls": 3, "last_pull": 0}])
+    assert [line.index("IMAGE") if i == 0 else line.index(("team", "x")[i - 1])
+            for i, line in enumerate(top.splitlines())] == [7, 7, 7]
+    du = format_du({"objects": 2, "bytes": 10, "pinned_objects": 0, "pinned_bytes": 0, "quarantined_objects": 0,
+                    "repositories": [{"repository": "a", "objects": 1, "bytes": 4, "tags": 1},
+                                     {"repository": "long/name", "objects": 12, "bytes": 6, "tags": 10}]})
+    assert du.splitlines()[-3:] == ["REPOSITORY  OBJECTS  SIZE  TAGS",
+                                   "a                 1   4 B     1",
+                                   "long/name        12   6 B    10"]
+    stats = {"store": {"objects": 0, "bytes": 0, "pinned_objects": 0, "pinned_bytes": 0, "quarantined_objects": 0},
+             "quota": {"max_size": None, "used": 0, "reserved": 0}, "disk": {"total": 1, "free": 1},
+             "cache": {"outcomes": {"hit": 9, "miss": 1}, "hit_ratio": 0.9,
+                       "by_kind": {"blob": {"outcomes": {"hit": 9, "miss": 1}, "hit_ratio": 0.9}}},
+             "evictions": {"objects": 0, "bytes": 0}, "inflight": 0}
+    assert "\x1b[32m90.0%\x1b[0m" in format_stats(stats, colour=True)  # a good ratio in green
+    assert "\x1b[" not in format_stats(stats)
+
+    main, secondary = pty.openpty()
+    try:
+        terminal = os.fdopen(secondary, "w")
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        assert colour_wanted(terminal) and not colour_wanted(io.StringIO())
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert not colour_wanted(terminal)
+        terminal.close()
+    finally:
+        os.close(main)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.commands.table import colour_wanted, ratio_style, table
 from mirror.storage import quarantine
 from mirror.storage.blobstore import path_for
 from mirror.storage.verify import DEFAULT_WORKERS, NotAStore, verify_offline
@@ -168,27 +169,32 @@ def run_du(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    print(f"objects      {result['objects']}")
-    print(f"size         {human(result['bytes'])} ({result['bytes']} bytes)")
-    print(f"pinned       {result['pinned_objects']} objects, {human(result['pinned_bytes'])}")
-    print(f"quarantined  {result['quarantined_objects']} objects")
-    repositories = result["repositories"]
-    if repositories:
-        width = max(10, *(len(r["repository"]) for r in repositories))
-        print()
-        print(f"{'REPOSITORY':<{width}}  {'OBJECTS':>8}  {'SIZE':>10}  {'TAGS':>5}")
-        for repo in repositories:
-            print(f"{repo['repository']:<{width}}  {repo['objects']:>8}  {human(repo['bytes']):>10}  "
-                  f"{repo['tags']:>5}")
+    print(format_du(result, colour_wanted()))
     return 0
+
+
+def format_du(result: dict[str, Any], colour: bool = False) -> str:
+    """Totals, then one aligned row per repository (largest first)."""
+    summary = table((), [
+        ["objects", str(result["objects"])],
+        ["size", f"{human(result['bytes'])} ({result['bytes']} bytes)"],
+        ["pinned", f"{result['pinned_objects']} objects, {human(result['pinned_bytes'])}"],
+        ["quarantined", f"{result['quarantined_objects']} objects"],
+    ], styles=[["bold"]] * 4, colour=colour)
+    repositories = result["repositories"]
+    if not repositories:
+        return summary
+    rows = [[r["repository"], str(r["objects"]), human(r["bytes"]), str(r["tags"])] for r in repositories]
+    return summary + "\n\n" + table(["REPOSITORY", "OBJECTS", "SIZE", "TAGS"], rows, right=(1, 2, 3),
+                                     colour=colour)
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
-def _outcomes(outcomes: dict[str, int]) -> str:
-    return ", ".join(f"{name} {count}" for name, count in sorted(outcomes.items())) or "no requests yet"
+#: Cache outcomes in the order a reader thinks of them: served locally first.
+OUTCOMES = ("hit", "revalidated", "stale", "coalesced", "miss")
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -196,23 +202,45 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    store, quota, disk, cache = result["store"], result["quota"], result["disk"], result["cache"]
-    print(f"store        {store['objects']} objects, {human(store['bytes'])} "
-          f"(pinned: {store['pinned_objects']} objects, {human(store['pinned_bytes'])}; "
-          f"quarantined: {store['quarantined_objects']})")
-    if quota["max_size"] is None:
-        print(f"quota        none (unbounded); used {human(quota['used'])}, reserved {human(quota['reserved'])}")
-    else:
-        print(f"quota        max {human(quota['max_size'])}, high {human(quota['high_watermark'])}, "
-              f"low {human(quota['low_watermark'])}; used {human(quota['used'])}, "
-              f"reserved {human(quota['reserved'])}")
-    print(f"disk         {human(disk['free'])} free of {human(disk['total'])}")
-    print(f"hit ratio    {_ratio(cache['hit_ratio'])} ({_outcomes(cache['outcomes'])})")
-    for kind, figures in cache["by_kind"].items():
-        print(f"  {kind:<10} {_ratio(figures['hit_ratio'])} ({_outcomes(figures['outcomes'])})")
-    print(f"evictions    {result['evictions']['objects']} objects, {human(result['evictions']['bytes'])}")
-    if "link" in result:
-        print(f"link         {human(result['link']['saved'])} served from the store, "
-              f"{human(result['link']['fetched'])} fetched from upstream")
-    print(f"in flight    {result['inflight']} fetches")
+    print(format_stats(result, colour_wanted()))
     return 0
+
+
+def format_stats(result: dict[str, Any], colour: bool = False) -> str:
+    """Store, quota, disk, evictions and link as aligned lines, then the cache outcomes as a table."""
+    store, quota, disk = result["store"], result["quota"], result["disk"]
+    if quota["max_size"] is None:
+        limits = f"none (unbounded); used {human(quota['used'])}, reserved {human(quota['reserved'])}"
+    else:
+        limits = (f"max {human(quota['max_size'])}, high {human(quota['high_watermark'])}, "
+                  f"low {human(quota['low_watermark'])}; used {human(quota['used'])}, "
+                  f"reserved {human(quota['reserved'])}")
+    lines = [
+        ["store", f"{store['objects']} objects, {human(store['bytes'])} (pinned: {store['pinned_objects']} "
+                  f"objects, {human(store['pinned_bytes'])}; quarantined: {store['quarantined_objects']})"],
+        ["quota", limits],
+        ["disk", f"{human(disk['free'])} free of {human(disk['total'])}"],
+        ["evictions", f"{result['evictions']['objects']} objects, {human(result['evictions']['bytes'])}"],
+    ]
+    if "link" in result:
+        lines.append(["link", f"{human(result['link']['saved'])} served from the store, "
+                              f"{human(result['link']['fetched'])} fetched from upstream"])
+    lines.append(["in flight", f"{result['inflight']} fetches"])
+    if not result["cache"]["outcomes"]:
+        lines.append(["cache", "no requests yet"])
+    text = table((), lines, styles=[["bold"]] * len(lines), colour=colour)
+    if not result["cache"]["outcomes"]:
+        return text
+    return text + "\n\n" + _cache_table(result["cache"], colour)
+
+
+def _cache_table(cache: dict[str, Any], colour: bool) -> str:
+    """One row per kind and one for all: requests, hit ratio, then a column per outcome."""
+    seen = [o for o in OUTCOMES if any(o in k["outcomes"] for k in cache["by_kind"].values())]
+    seen += sorted({o for k in cache["by_kind"].values() for o in k["outcomes"]} - set(seen))
+    figures = [("all", cache), *sorted(cache["by_kind"].items())]
+    rows = [[name, str(sum(f["outcomes"].values())), _ratio(f["hit_ratio"]),
+             *(str(f["outcomes"].get(o, 0)) for o in seen)] for name, f in figures]
+    styles = [[None, None, ratio_style(f["hit_ratio"])] for _, f in figures]
+    headers = ["CACHE", "REQUESTS", "HIT RATIO", *(o.upper() for o in seen)]
+    return table(headers, rows, right=range(1, len(headers)), styles=styles, colour=colour)
