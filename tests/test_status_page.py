@@ -153,6 +153,9 @@ async def test_page_renders_in_chromium_and_its_figures_match_metrics(
                           first.saved * i / 5, first.fetched * i / 5) for i in range(5)]
         sampler.samples.extendleft(reversed(earlier))
         logging.getLogger("mirror.test").warning("a warning <b>shown</b> as text")
+        async with httpx.AsyncClient() as admin:
+            job = (await admin.post(f"{url}/admin/prewarm", json={"images": [f"{repo}:v1"]})).json()
+        await mirror.node.ops.jobs.get(job["id"]).task  # done: every blob already cached
         relay.rate = 150_000
         async with mirror.client(headers={"Accept": DOCKER_SCHEMA2}) as client:
             await client.get(f"/v2/{big.repo}/manifests/v1")
@@ -168,7 +171,9 @@ async def test_page_renders_in_chromium_and_its_figures_match_metrics(
             relay.rate = None
             assert (await slow).status_code == 200
         assert console_errors(stderr) == []
+        assert re.search(r'<body[^>]*data-state="ok"', dom) and '<pre id="script-errors"></pre>' in dom
         assert big.layers[0][0][:19] in dom  # the in-flight row
+        assert job["id"][:8] in dom and ">done<" in dom  # the prewarm job
         assert "a warning &lt;b&gt;shown&lt;/b&gt; as text" in dom  # text, never markup
         assert dom.count("<polyline") == 3  # saved, fetched, hit ratio
         assert shot.stat().st_size > 10_000
