@@ -253,3 +253,14 @@ async def test_page_is_guarded_like_the_admin_api(make_mirror, relay) -> None:
     assert b"http://" not in page.content.replace(b"http://www.w3.org/2000/svg", b"")  # nothing from elsewhere
     assert by_basic.status_code == 200 and by_bearer.status_code == 200
     assert json_bare.status_code == 401 and json_bare.headers["WWW-Authenticate"].startswith("Bearer ")
+
+
+async def test_a_stalled_upstream_reads_down_within_the_probe_bound(mirror, debug_url, relay, monkeypatch) -> None:
+    monkeypatch.setattr("mirror.admin.status.PROBE_TIMEOUT", 0.5)
+    relay.paused = True  # accepts, never answers
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            text = (await client.get(f"{debug_url}/metrics")).text
+    finally:
+        relay.paused = False
+    assert "mirror_upstream_up 0.0" in text

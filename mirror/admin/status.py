@@ -39,6 +39,7 @@ from mirror.observe.metrics import sample_sum
 
 SAMPLE_INTERVAL = 60.0  # seconds per history point
 PROBE_AFTER = 60.0  # seconds without upstream traffic before a scrape probes it
+PROBE_TIMEOUT = 5.0  # seconds; Prometheus' default scrape timeout is 10
 HISTORY = 6 * 60  # points kept: six hours of minutes
 RECENT_ERRORS = 50
 TOP_IMAGES = 10
@@ -103,7 +104,7 @@ class Sampler:
 
         Upstream answering the node's own requests since the last check is
         proof enough; only a node with no such traffic for PROBE_AFTER seconds
-        probes `/v2/` (one probe at a time, bounded by the upstream timeouts).
+        probes `/v2/` (one probe at a time, at most PROBE_TIMEOUT long).
         So a busy node adds no requests, and an idle one one per minute at
         most, driven by whoever watches it.
         """
@@ -120,9 +121,16 @@ class Sampler:
             self._answered, self._checked = self._answered_now(), time.monotonic()
 
     async def probe(self) -> None:
-        """Ask upstream's `/v2/`; record reachability and latency as gauges."""
+        """Ask upstream's `/v2/`; record reachability and latency as gauges.
+
+        Bounded by PROBE_TIMEOUT, well under a scrape's timeout: an upstream
+        that accepts and never answers reads as down, not as a failed scrape.
+        """
         started = time.perf_counter()
-        up = await self.node.upstream.ping()
+        try:
+            up = await asyncio.wait_for(self.node.upstream.ping(), PROBE_TIMEOUT)
+        except TimeoutError:
+            up = False
         self.node.metrics.upstream_up.set(1 if up else 0)
         self.node.metrics.upstream_probe_seconds.set(time.perf_counter() - started)
         self.checked_at, self.checked_by = time.time(), "probe"
