@@ -323,3 +323,30 @@ def test_tables_align_and_colour_only_on_a_terminal(monkeypatch) -> None:
         terminal.close()
     finally:
         os.close(main)
+
+
+async def test_lifetime_counters_add_up_across_processes(tmp_path: Path) -> None:
+    """Two processes on one store each add their own counts; a flush never counts twice."""
+    from mirror.observe.lifetime import LifetimeCounters
+    from mirror.observe.metrics import Metrics
+    from mirror.storage.metadata import Metadata
+
+    path = tmp_path / "metadata.sqlite"
+    first, second = Metadata(path), Metadata(path)
+    await first.open()
+    await second.open()
+    try:
+        a, b = Metrics(), Metrics()
+        one, two = LifetimeCounters(a, first), LifetimeCounters(b, second)
+        a.cache.labels("blob", "hit").inc(3)
+        b.cache.labels("blob", "hit").inc(2)
+        b.bytes_saved.inc(100)
+        await one.flush()
+        await one.flush()  # nothing new: adds nothing
+        await two.flush()
+        a.cache.labels("blob", "hit").inc()  # counted, not flushed yet
+        totals = await one.totals()
+    finally:
+        await first.close()
+        await second.close()
+    assert totals["cache:blob:hit"] == 6 and totals["bytes_saved"] == 100
