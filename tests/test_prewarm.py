@@ -257,7 +257,7 @@ async def test_cli_prewarm_from_a_file_and_top(mirror, debug_for, upstream, upst
 
     code, out, _ = await cli("pins", "--server", url)
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["PIN", "OBJECTS", "SIZE", "ONLY", "IT", "PINNED"]
+    assert code == 0 and lines[0].split() == ["PIN", "OBJECTS", "SIZE", "EXCLUSIVE", "PINNED"]
     assert any(f"/{one.repo}:v1" in line and line.split()[1] == "4" for line in lines[1:]), out
     assert any(f"/{two.repo}:v1" in line for line in lines[1:]), out
 

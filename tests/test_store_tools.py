@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import uuid
@@ -16,6 +17,7 @@ import httpx
 from aiohttp import web
 
 from mirror.api.debug import create_debug_app
+from mirror.commands.store import EXIT_CORRUPT
 from mirror.registry.digest import Digest
 from tests.support import images
 from tests.support.images import DOCKER_SCHEMA2
@@ -116,7 +118,7 @@ async def test_offline_verify_and_startup_repair(make_mirror, relay, upstream, u
     with sqlite3.connect(store_root / "metadata" / "metadata.sqlite") as db:
         db.execute("DELETE FROM objects WHERE digest=?", (orphan,))  # a file nobody recorded
     code, out, err = await cli("verify", "--store", str(store_root))
-    assert code == 0, err
+    assert code == EXIT_CORRUPT, err  # cron and monitoring see corruption
     assert "checked 2 objects" in out and "1 corrupt" in out and f"quarantined {corrupt}" in out
     code, _, err = await cli("verify", "--store", str(store_root / "nope"))
     assert code == 2 and "not a mirror store" in err
@@ -194,7 +196,10 @@ async def test_gc_du_and_stats(make_mirror, relay, upstream, upstream_client) ->
     assert du_code == 0, du_err
     assert "objects      4" in du_out and "pinned       1 objects, 2.0 MiB" in du_out
     assert repo in du_out and "REPOSITORY" in du_out
-    assert stats_code == 0 and "hit ratio" in stats_out and "max 100.0 MiB" in stats_out
+    assert stats_code == 0 and "max 100.0 MiB" in stats_out
+    assert re.search(r"^CACHE +REQUESTS +HIT RATIO +HIT +MISS$", stats_out, re.MULTILINE)
+    assert re.search(r"^blob +4 +25\.0% +1 +3$", stats_out, re.MULTILINE)  # aligned columns
+    assert "\x1b[" not in stats_out + du_out  # no colour into a pipe
     stats = json.loads(stats_json)
     assert stats["cache"]["by_kind"]["blob"]["hit_ratio"] == 0.25  # 1 hit of 4 blob requests
     assert stats["cache"]["outcomes"] == {"hit": 1, "miss": 4}
@@ -206,3 +211,142 @@ async def test_gc_du_and_stats(make_mirror, relay, upstream, upstream_client) ->
     assert after["objects"] == 1 and after["pinned_objects"] == 1  # only the pinned layer is left
     async with node.client(headers=ACCEPT) as client:  # evicted content is refetched on demand
         assert (await client.get(f"/v2/{repo}/manifests/v1")).content == image.manifest
+
+
+async def test_verify_exit_code_and_the_quarantine_command(make_mirror, relay, upstream, upstream_client) -> None:
+    """Corruption makes `verify` fail; `quarantine` lists what it set aside and `--empty` deletes it."""
+    node = await make_mirror(relay.url)
+    repo = repo_name()
+    data = os.urandom(200_000)
+    digest = await images.push_blob(upstream_client, upstream.url, repo, data)
+    async with node.client() as client:
+        assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+    async with admin_url(node) as url:
+        clean, _, _ = await cli("verify", "--server", url)
+        flip_a_byte(object_path(node, digest))
+        corrupt, out, _ = await cli("verify", "--server", url)
+        corrupt_json, _, _ = await cli("verify", "--server", url, "--json")  # nothing left to find
+        listed, listing, _ = await cli("quarantine", "--server", url)
+        _, listing_json, _ = await cli("quarantine", "--server", url, "--json")
+        emptied, empty_out, _ = await cli("quarantine", "--server", url, "--empty")
+        _, after, _ = await cli("quarantine", "--server", url)
+        _, du, _ = await cli("du", "--server", url, "--json")
+    assert clean == 0
+    assert corrupt == EXIT_CORRUPT and "1 corrupt (quarantined)" in out
+    assert corrupt_json == 0
+    assert listed == 0 and digest in listing and "195.3 KiB" in listing
+    report = json.loads(listing_json)
+    assert report["count"] == 1 and report["bytes"] == 200_000 and report["objects"][0]["digest"] == digest
+    assert emptied == 0 and "removed 1 quarantined objects (195.3 KiB)" in empty_out
+    assert "quarantine is empty" in after and json.loads(du)["quarantined_objects"] == 0
+
+
+async def test_offline_quarantine_command(make_mirror, relay, upstream, upstream_client) -> None:
+    node = await make_mirror(relay.url)
+    repo = repo_name()
+    digest = await images.push_blob(upstream_client, upstream.url, repo, os.urandom(50_000))
+    async with node.client() as client:
+        assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+    await node.stop()
+    store_root = Path(node.config["storage"]["filesystem"]["rootdirectory"])
+    flip_a_byte(store_root / "objects" / "sha256" / digest[7:9] / digest[7:], 5)
+    code, _, _ = await cli("verify", "--store", str(store_root))
+    listed, listing, _ = await cli("quarantine", "--store", str(store_root), "--json")
+    emptied, _, _ = await cli("quarantine", "--store", str(store_root), "--empty")
+    left = list((store_root / "quarantine").iterdir())
+    not_a_store, _, err = await cli("quarantine", "--store", str(store_root / "nope"))
+    assert code == EXIT_CORRUPT and listed == 0 and json.loads(listing)["objects"][0]["digest"] == digest
+    assert emptied == 0 and left == []
+    assert not_a_store == 2 and "not a mirror store" in err
+
+
+async def test_stats_counters_survive_a_restart(make_mirror, relay, upstream, upstream_client) -> None:
+    node = await make_mirror(relay.url)
+    repo = repo_name()
+    data = os.urandom(100_000)
+    digest = await images.push_blob(upstream_client, upstream.url, repo, data)
+    async with admin_url(node) as url:
+        async with node.client() as client:
+            for _ in range(3):  # a miss, then two hits
+                assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+        async with httpx.AsyncClient(base_url=url) as admin:
+            before = (await admin.get("/admin/stats")).json()
+    await node.restart()  # the debug listener stopped first, as `mirror serve` stops them
+    async with admin_url(node) as url:
+        async with httpx.AsyncClient(base_url=url) as admin:
+            restarted = (await admin.get("/admin/stats")).json()
+        async with node.client() as client:
+            assert (await client.get(f"/v2/{repo}/blobs/{digest}")).status_code == 200
+        async with httpx.AsyncClient(base_url=url) as admin:
+            after = (await admin.get("/admin/stats")).json()
+        code, out, _ = await cli("stats", "--server", url)
+    assert before["cache"]["outcomes"] == {"miss": 1, "hit": 2}
+    assert restarted["cache"] == before["cache"] and restarted["link"] == {"saved": 200_000, "fetched": 100_000}
+    assert after["cache"]["outcomes"] == {"miss": 1, "hit": 3}  # this process's counts added once
+    assert code == 0 and "75.0%" in out and "no requests yet" not in out
+
+
+def test_tables_align_and_colour_only_on_a_terminal(monkeypatch) -> None:
+    """`top`, `du` and `stats` print aligned tables; colour needs a terminal and no NO_COLOR."""
+    import io
+    import pty
+
+    from mirror.commands.store import format_du, format_stats
+    from mirror.commands.table import colour_wanted
+    from mirror.commands.top import format_top
+
+    top = format_top([{"repository": "team/app", "tag": "v1", "pulls": 120, "last_pull": 0},
+                      {"repository": "x", "tag": "latest", "pulls": 3, "last_pull": 0}])
+    assert [line.index("IMAGE") if i == 0 else line.index(("team", "x")[i - 1])
+            for i, line in enumerate(top.splitlines())] == [7, 7, 7]
+    du = format_du({"objects": 2, "bytes": 10, "pinned_objects": 0, "pinned_bytes": 0, "quarantined_objects": 0,
+                    "repositories": [{"repository": "a", "objects": 1, "bytes": 4, "tags": 1},
+                                     {"repository": "long/name", "objects": 12, "bytes": 6, "tags": 10}]})
+    assert du.splitlines()[-3:] == ["REPOSITORY  OBJECTS  SIZE  TAGS",
+                                   "a                 1   4 B     1",
+                                   "long/name        12   6 B    10"]
+    stats = {"store": {"objects": 0, "bytes": 0, "pinned_objects": 0, "pinned_bytes": 0, "quarantined_objects": 0},
+             "quota": {"max_size": None, "used": 0, "reserved": 0}, "disk": {"total": 1, "free": 1},
+             "cache": {"outcomes": {"hit": 9, "miss": 1}, "hit_ratio": 0.9,
+                       "by_kind": {"blob": {"outcomes": {"hit": 9, "miss": 1}, "hit_ratio": 0.9}}},
+             "evictions": {"objects": 0, "bytes": 0}, "inflight": 0}
+    assert "\x1b[32m90.0%\x1b[0m" in format_stats(stats, colour=True)  # a good ratio in green
+    assert "\x1b[" not in format_stats(stats)
+
+    main, secondary = pty.openpty()
+    try:
+        terminal = os.fdopen(secondary, "w")
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        assert colour_wanted(terminal) and not colour_wanted(io.StringIO())
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert not colour_wanted(terminal)
+        terminal.close()
+    finally:
+        os.close(main)
+
+
+async def test_lifetime_counters_add_up_across_processes(tmp_path: Path) -> None:
+    """Two processes on one store each add their own counts; a flush never counts twice."""
+    from mirror.observe.lifetime import LifetimeCounters
+    from mirror.observe.metrics import Metrics
+    from mirror.storage.metadata import Metadata
+
+    path = tmp_path / "metadata.sqlite"
+    first, second = Metadata(path), Metadata(path)
+    await first.open()
+    await second.open()
+    try:
+        a, b = Metrics(), Metrics()
+        one, two = LifetimeCounters(a, first), LifetimeCounters(b, second)
+        a.cache.labels("blob", "hit").inc(3)
+        b.cache.labels("blob", "hit").inc(2)
+        b.bytes_saved.inc(100)
+        await one.flush()
+        await one.flush()  # nothing new: adds nothing
+        await two.flush()
+        a.cache.labels("blob", "hit").inc()  # counted, not flushed yet
+        totals = await one.totals()
+    finally:
+        await first.close()
+        await second.close()
+    assert totals["cache:blob:hit"] == 6 and totals["bytes_saved"] == 100

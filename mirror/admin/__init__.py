@@ -9,6 +9,7 @@ bypassed. Each module of this package owns one concern and exposes
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
@@ -22,19 +23,41 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_PREFIX = "/admin/"
 
 
+STATUS_PAGE = "/"
+
+
 @web.middleware
 async def admin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer secret (`mirror.admin.token`) required; without one, loopback only."""
-    if request.path.startswith(ADMIN_PREFIX):
+    """Bearer secret (`mirror.admin.token`) required; without one, loopback only.
+
+    The status page (`/`) is guarded alike. A browser cannot send a Bearer
+    header by itself, so HTTP Basic with the token as password (any user name)
+    is accepted too, and the page's challenge is Basic: the browser asks once
+    and sends it again with the page's own `/admin/status` requests.
+    """
+    if request.path.startswith(ADMIN_PREFIX) or request.path == STATUS_PAGE:
         secret = request.app[NODE].settings.mirror.admin.token
         if secret:
-            offered = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(offered.encode(), f"Bearer {secret}".encode()):
+            if not _offers(request.headers.get("Authorization", ""), secret):
+                scheme = "Basic" if request.path == STATUS_PAGE else "Bearer"
                 raise errors.Unauthorized("admin token required",
-                                          headers={"WWW-Authenticate": 'Bearer realm="mirror-admin"'})
+                                          headers={"WWW-Authenticate": f'{scheme} realm="mirror-admin"'})
         elif not _loopback(request):
             raise errors.Denied("admin API answers only on loopback without mirror.admin.token")
     return await handler(request)
+
+
+def _offers(authorization: str, secret: str) -> bool:
+    """The header carries the token: `Bearer TOKEN`, or Basic with TOKEN as password."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), secret.encode())
 
 
 def _loopback(request: web.Request) -> bool:

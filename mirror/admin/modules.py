@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from mirror.admin import jobs, notify, store
+from mirror.admin import jobs, notify, status, store
 
-#: prewarm, jobs, pins and top; notifications in; verify, gc, purge, du and stats.
-ALL: list[ModuleType] = [jobs, notify, store]
+#: prewarm, jobs, pins and top; notifications in; verify, gc, purge, du and stats; the status page.
+ALL: list[ModuleType] = [jobs, notify, store, status]

@@ -1,4 +1,4 @@
-"""Admin API: the store tools (verify, gc, purge, du, stats).
+"""Admin API: the store tools (verify, gc, purge, du, stats, quarantine).
 
     POST /admin/verify  [?workers=4]                      -> {"checked", "ok", "corrupt", "missing",
                                                               "bytes", "quarantined": [digest, ...],
@@ -11,7 +11,11 @@
                                                               "repositories": [{"repository", "objects",
                                                               "bytes", "tags"}, ...]}
     GET  /admin/stats                                      -> {"store", "quota", "disk", "cache",
-                                                              "evictions", "inflight"}
+                                                              "evictions", "link", "inflight"}
+                        (cache, evictions and link are totals kept across restarts)
+    GET    /admin/quarantine                               -> {"objects": [{"name", "digest", "size",
+                                                              "quarantined_at"}], "count", "bytes"}
+    DELETE /admin/quarantine                               -> {"removed", "bytes"}
 
 Purge takes content down, pinned or not: `REPO:TAG` forgets the tag and
 removes the manifest it points at with what it references (an index's
@@ -37,9 +41,11 @@ from mirror import errors
 from mirror.api.handlers import NODE
 from mirror.config import ConfigError, parse_size
 from mirror.node import Node
+from mirror.observe.lifetime import LIFETIME
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName, parse_reference
+from mirror.storage import quarantine
 from mirror.storage.verify import DEFAULT_WORKERS, verify_online
 
 SERVED_LOCALLY = ("hit", "revalidated", "stale")  # cache outcomes answered from the store
@@ -243,19 +249,15 @@ async def du(request: web.Request) -> web.Response:
     return web.json_response(await usage(request.app[NODE]))
 
 
-def cache_outcomes(node: Node) -> dict[str, dict[str, int]]:
-    """Request outcomes by kind (manifest, blob) from the node's cache counter."""
+def cache_outcomes(totals: dict[str, float]) -> dict[str, dict[str, int]]:
+    """Request outcomes by kind (manifest, blob) from the lifetime counters (`cache:<kind>:<outcome>`)."""
     outcomes: dict[str, dict[str, int]] = {}
-    for family in node.metrics.cache.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                kind = outcomes.setdefault(sample.labels["kind"], {})
-                kind[sample.labels["outcome"]] = kind.get(sample.labels["outcome"], 0) + int(sample.value)
+    for name, value in totals.items():
+        section, _, rest = name.partition(":")
+        if section == "cache":
+            kind, _, outcome = rest.partition(":")
+            outcomes.setdefault(kind, {})[outcome] = int(value)
     return outcomes
-
-
-def _total(counter: Any) -> int:
-    return int(sum(s.value for f in counter.collect() for s in f.samples if s.name.endswith("_total")))
 
 
 def hit_ratio(outcomes: dict[str, int]) -> float | None:
@@ -269,7 +271,8 @@ async def stats(request: web.Request) -> web.Response:
     store = await usage(node)
     store.pop("repositories")
     total, free = await _io(node, quota.disk)
-    by_kind = cache_outcomes(node)
+    lifetime = await request.app[LIFETIME].totals()  # kept across restarts
+    by_kind = cache_outcomes(lifetime)
     overall: dict[str, int] = {}
     for kind in by_kind.values():
         for outcome, count in kind.items():
@@ -282,10 +285,26 @@ async def stats(request: web.Request) -> web.Response:
                   "used": quota.used, "reserved": quota.reserved},
         "disk": {"total": total, "free": free, "reserve_bytes": quota.reserve_size},
         "cache": cache,
-        "evictions": {"objects": _total(node.metrics.evictions), "bytes": _total(node.metrics.evicted_bytes)},
+        "evictions": {"objects": int(lifetime.get("evictions:objects", 0)),
+                      "bytes": int(lifetime.get("evictions:bytes", 0))},
+        "link": {"saved": int(lifetime.get("bytes_saved", 0)), "fetched": int(lifetime.get("upstream_bytes", 0))},
         "inflight": len(node.fetcher.inflight),
     }
     return web.json_response(body)
+
+
+# -- quarantine ------------------------------------------------------------------------
+
+
+async def quarantine_list(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response(await _io(node, quarantine.report, node.store.root))
+
+
+async def quarantine_empty(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    files, size = await _io(node, quarantine.empty_quarantine, node.store.root)
+    return web.json_response({"removed": files, "bytes": size})
 
 
 def routes(router: web.UrlDispatcher) -> None:
@@ -294,3 +313,5 @@ def routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/purge", purge_handler)
     router.add_get("/admin/du", du)
     router.add_get("/admin/stats", stats)
+    router.add_get("/admin/quarantine", quarantine_list)
+    router.add_delete("/admin/quarantine", quarantine_empty)

@@ -1,4 +1,4 @@
-"""The debug/admin listener (`http.debug.addr`): metrics, health, readiness.
+"""The debug/admin listener (`http.debug.addr`): status page, metrics, health, readiness.
 
 Kept off the registry port, as distribution does, so monitoring and admin
 endpoints are never exposed where clients pull.
@@ -11,10 +11,12 @@ import os
 
 from aiohttp import web
 
-from mirror.admin import add_admin_routes, admin_guard
+from mirror.admin import add_admin_routes, admin_guard, status
 from mirror.api.handlers import NODE
 from mirror.api.middleware import error_middleware
 from mirror.node import Node
+from mirror.observe import lifetime
+from mirror.observe.gauges import refresh_store_gauges
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -23,14 +25,8 @@ async def metrics(request: web.Request) -> web.Response:
     """`/metrics` in the Prometheus text format."""
     node = request.app[NODE]
     await refresh_store_gauges(node)
+    await request.app[status.SAMPLER].upstream_health()
     return web.Response(body=node.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def refresh_store_gauges(node: Node) -> None:
-    """Store size and object count, from the metadata (cheap aggregate)."""
-    count, size = await node.metadata.totals()
-    node.metrics.store_objects.set(count)
-    node.metrics.store_bytes.set(size)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -68,6 +64,8 @@ def create_debug_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[error_middleware, admin_guard])
     app[NODE] = node
     add_admin_routes(app)
+    status.install(app)
+    app.cleanup_ctx.append(lifetime.running)  # `mirror stats` totals across restarts
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/debug/health", health)
     app.router.add_get("/debug/ready", ready)

@@ -9,6 +9,7 @@ from typing import Any
 
 from mirror.admin.client import AdminClient, add_server_arguments
 from mirror.commands.store import human
+from mirror.commands.table import colour_wanted, table
 
 
 def register(subparsers: Any) -> None:
@@ -26,10 +27,8 @@ def run(args: argparse.Namespace) -> int:
     if not pins:
         print("no pins")
         return 0
-    width = max(len(p["pin"]) for p in pins)
-    print(f"{'PIN':<{width}}  {'OBJECTS':>7}  {'SIZE':>10}  {'ONLY IT':>10}  PINNED")
-    for pin in pins:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(pin["created"]))
-        print(f"{pin['pin']:<{width}}  {pin['objects']:>7}  {human(pin['bytes']):>10}  "
-              f"{human(pin['exclusive_bytes']):>10}  {when}")
+    rows = [[pin["pin"], str(pin["objects"]), human(pin["bytes"]), human(pin["exclusive_bytes"]),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(pin["created"]))] for pin in pins]
+    print(table(["PIN", "OBJECTS", "SIZE", "EXCLUSIVE", "PINNED"], rows, right=(1, 2, 3),
+                colour=colour_wanted()))
     return 0

@@ -1,8 +1,9 @@
-"""Store tools: `mirror verify`, `mirror gc`, `mirror purge`, `mirror du`, `mirror stats`.
+"""Store tools: `mirror verify`, `quarantine`, `gc`, `purge`, `du`, `stats`.
 
-All but `verify --store DIR` act on a running node through its admin API, so
-its in-memory state (access times, in-flight fetches, open readers) is
-respected; `verify --store DIR` re-hashes a store no node is serving.
+All but `verify --store DIR` and `quarantine --store DIR` act on a running
+node through its admin API, so its in-memory state (access times, in-flight
+fetches, open readers) is respected; with `--store DIR` they work on a store
+no node is serving.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.commands.table import colour_wanted, ratio_style, table
+from mirror.storage import quarantine
+from mirror.storage.blobstore import path_for
 from mirror.storage.verify import DEFAULT_WORKERS, NotAStore, verify_offline
+
+#: `mirror verify` found objects whose bytes do not match their digest (quarantined),
+#: so cron and monitoring see it; 1 and 2 stay "could not verify" (node, store).
+EXIT_CORRUPT = 3
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,6 +35,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="hashing threads (default 4)")
     verify.add_argument("--json", action="store_true", help="print the raw JSON result")
     verify.set_defaults(func=run_verify)
+
+    quarantined = subparsers.add_parser(
+        "quarantine", help="list the objects verify set aside (--empty deletes them)")
+    add_server_arguments(quarantined)
+    quarantined.add_argument("--store", type=Path, metavar="DIR",
+                             help="act on this store directory offline (when no node is serving it)")
+    quarantined.add_argument("--empty", action="store_true", help="delete every quarantined object")
+    quarantined.add_argument("--json", action="store_true", help="print the raw JSON result")
+    quarantined.set_defaults(func=run_quarantine)
 
     gc = subparsers.add_parser("gc", help="evict least-recently-used objects now")
     add_server_arguments(gc)
@@ -78,14 +96,50 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         client = AdminClient(args.server, args.token, timeout=None)  # type: ignore[arg-type]
         result = client.call("POST", "/admin/verify", params={"workers": max(1, args.workers)})
+    code = EXIT_CORRUPT if result["corrupt"] else 0
     if args.json:
         _print_json(result)
-        return 0
+        return code
     print(f"checked {result['checked']} objects ({human(result['bytes'])}): {result['ok']} ok, "
           f"{result['corrupt']} corrupt (quarantined), {result['missing']} gone meanwhile")
     for digest in result["quarantined"]:
         print(f"quarantined {digest}")
+    return code
+
+
+def run_quarantine(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        if not path_for(args.store, "layout").is_file():
+            print(f"mirror: {args.store}: not a mirror store (no {path_for(args.store, 'layout').name})",
+                  file=sys.stderr)
+            return 2
+        if args.empty:
+            removed, size = quarantine.empty_quarantine(args.store)
+            result: dict[str, Any] = {"removed": removed, "bytes": size}
+        else:
+            result = quarantine.report(args.store)
+    else:
+        client = AdminClient.from_args(args)
+        result = client.call("DELETE" if args.empty else "GET", "/admin/quarantine")
+    if args.json:
+        _print_json(result)
+    elif args.empty:
+        print(f"removed {result['removed']} quarantined objects ({human(result['bytes'])})")
+    else:
+        _print_quarantine(result)
     return 0
+
+
+def _print_quarantine(result: dict[str, Any]) -> None:
+    if not result["objects"]:
+        print("quarantine is empty")
+        return
+    print(f"{'QUARANTINED':<19}  {'SIZE':>10}  OBJECT")
+    for item in result["objects"]:
+        when = item["quarantined_at"]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "-"
+        print(f"{stamp:<19}  {human(item['size']):>10}  {item['digest'] or item['name']}")
+    print(f"{result['count']} objects, {human(result['bytes'])}; `mirror quarantine --empty` deletes them")
 
 
 def run_gc(args: argparse.Namespace) -> int:
@@ -115,27 +169,32 @@ def run_du(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    print(f"objects      {result['objects']}")
-    print(f"size         {human(result['bytes'])} ({result['bytes']} bytes)")
-    print(f"pinned       {result['pinned_objects']} objects, {human(result['pinned_bytes'])}")
-    print(f"quarantined  {result['quarantined_objects']} objects")
-    repositories = result["repositories"]
-    if repositories:
-        width = max(10, *(len(r["repository"]) for r in repositories))
-        print()
-        print(f"{'REPOSITORY':<{width}}  {'OBJECTS':>8}  {'SIZE':>10}  {'TAGS':>5}")
-        for repo in repositories:
-            print(f"{repo['repository']:<{width}}  {repo['objects']:>8}  {human(repo['bytes']):>10}  "
-                  f"{repo['tags']:>5}")
+    print(format_du(result, colour_wanted()))
     return 0
+
+
+def format_du(result: dict[str, Any], colour: bool = False) -> str:
+    """Totals, then one aligned row per repository (largest first)."""
+    summary = table((), [
+        ["objects", str(result["objects"])],
+        ["size", f"{human(result['bytes'])} ({result['bytes']} bytes)"],
+        ["pinned", f"{result['pinned_objects']} objects, {human(result['pinned_bytes'])}"],
+        ["quarantined", f"{result['quarantined_objects']} objects"],
+    ], styles=[["bold"]] * 4, colour=colour)
+    repositories = result["repositories"]
+    if not repositories:
+        return summary
+    rows = [[r["repository"], str(r["objects"]), human(r["bytes"]), str(r["tags"])] for r in repositories]
+    return summary + "\n\n" + table(["REPOSITORY", "OBJECTS", "SIZE", "TAGS"], rows, right=(1, 2, 3),
+                                     colour=colour)
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
-def _outcomes(outcomes: dict[str, int]) -> str:
-    return ", ".join(f"{name} {count}" for name, count in sorted(outcomes.items())) or "no requests yet"
+#: Cache outcomes in the order a reader thinks of them: served locally first.
+OUTCOMES = ("hit", "revalidated", "stale", "coalesced", "miss")
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -143,20 +202,45 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    store, quota, disk, cache = result["store"], result["quota"], result["disk"], result["cache"]
-    print(f"store        {store['objects']} objects, {human(store['bytes'])} "
-          f"(pinned: {store['pinned_objects']} objects, {human(store['pinned_bytes'])}; "
-          f"quarantined: {store['quarantined_objects']})")
-    if quota["max_size"] is None:
-        print(f"quota        none (unbounded); used {human(quota['used'])}, reserved {human(quota['reserved'])}")
-    else:
-        print(f"quota        max {human(quota['max_size'])}, high {human(quota['high_watermark'])}, "
-              f"low {human(quota['low_watermark'])}; used {human(quota['used'])}, "
-              f"reserved {human(quota['reserved'])}")
-    print(f"disk         {human(disk['free'])} free of {human(disk['total'])}")
-    print(f"hit ratio    {_ratio(cache['hit_ratio'])} ({_outcomes(cache['outcomes'])})")
-    for kind, figures in cache["by_kind"].items():
-        print(f"  {kind:<10} {_ratio(figures['hit_ratio'])} ({_outcomes(figures['outcomes'])})")
-    print(f"evictions    {result['evictions']['objects']} objects, {human(result['evictions']['bytes'])}")
-    print(f"in flight    {result['inflight']} fetches")
+    print(format_stats(result, colour_wanted()))
     return 0
+
+
+def format_stats(result: dict[str, Any], colour: bool = False) -> str:
+    """Store, quota, disk, evictions and link as aligned lines, then the cache outcomes as a table."""
+    store, quota, disk = result["store"], result["quota"], result["disk"]
+    if quota["max_size"] is None:
+        limits = f"none (unbounded); used {human(quota['used'])}, reserved {human(quota['reserved'])}"
+    else:
+        limits = (f"max {human(quota['max_size'])}, high {human(quota['high_watermark'])}, "
+                  f"low {human(quota['low_watermark'])}; used {human(quota['used'])}, "
+                  f"reserved {human(quota['reserved'])}")
+    lines = [
+        ["store", f"{store['objects']} objects, {human(store['bytes'])} (pinned: {store['pinned_objects']} "
+                  f"objects, {human(store['pinned_bytes'])}; quarantined: {store['quarantined_objects']})"],
+        ["quota", limits],
+        ["disk", f"{human(disk['free'])} free of {human(disk['total'])}"],
+        ["evictions", f"{result['evictions']['objects']} objects, {human(result['evictions']['bytes'])}"],
+    ]
+    if "link" in result:
+        lines.append(["link", f"{human(result['link']['saved'])} served from the store, "
+                              f"{human(result['link']['fetched'])} fetched from upstream"])
+    lines.append(["in flight", f"{result['inflight']} fetches"])
+    if not result["cache"]["outcomes"]:
+        lines.append(["cache", "no requests yet"])
+    text = table((), lines, styles=[["bold"]] * len(lines), colour=colour)
+    if not result["cache"]["outcomes"]:
+        return text
+    return text + "\n\n" + _cache_table(result["cache"], colour)
+
+
+def _cache_table(cache: dict[str, Any], colour: bool) -> str:
+    """One row per kind and one for all: requests, hit ratio, then a column per outcome."""
+    seen = [o for o in OUTCOMES if any(o in k["outcomes"] for k in cache["by_kind"].values())]
+    seen += sorted({o for k in cache["by_kind"].values() for o in k["outcomes"]} - set(seen))
+    figures = [("all", cache), *sorted(cache["by_kind"].items())]
+    rows = [[name, str(sum(f["outcomes"].values())), _ratio(f["hit_ratio"]),
+             *(str(f["outcomes"].get(o, 0)) for o in seen)] for name, f in figures]
+    styles = [[None, None, ratio_style(f["hit_ratio"])] for _, f in figures]
+    headers = ["CACHE", "REQUESTS", "HIT RATIO", *(o.upper() for o in seen)]
+    return table(headers, rows, right=range(1, len(headers)), styles=styles, colour=colour)

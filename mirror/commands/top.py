@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.commands.table import colour_wanted, table
 
 
 def register(subparsers: Any) -> None:
@@ -27,10 +28,12 @@ def run(args: argparse.Namespace) -> int:
     if not entries:
         print("no pulls counted yet")
         return 0
-    width = max(len(f"{e['repository']}:{e['tag']}") for e in entries)
-    print(f"{'PULLS':>8}  {'IMAGE':<{width}}  LAST PULL")
-    for entry in entries:
-        image = f"{entry['repository']}:{entry['tag']}"
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["last_pull"]))
-        print(f"{entry['pulls']:>8}  {image:<{width}}  {when}")
+    print(format_top(entries, colour_wanted()))
     return 0
+
+
+def format_top(entries: list[dict[str, Any]], colour: bool = False) -> str:
+    """PULLS, IMAGE, LAST PULL, aligned; most pulled first as the node ranked them."""
+    rows = [[str(e["pulls"]), f"{e['repository']}:{e['tag']}",
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["last_pull"]))] for e in entries]
+    return table(["PULLS", "IMAGE", "LAST PULL"], rows, right=(0,), colour=colour)

@@ -7,6 +7,7 @@ created here, once, so the set is documented in one place.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -44,6 +45,17 @@ class Metrics:
         self.store_bytes = Gauge("mirror_store_bytes", "Bytes of objects in the store", registry=r)
         self.store_objects = Gauge("mirror_store_objects", "Objects in the store", registry=r)
         self.inflight = Gauge("mirror_inflight_fetches", "Blob fetches in progress", registry=r)
+        self.fill_failures = Counter("mirror_fill_failures", "Blob fetches (cache fills) that ended in an error",
+                                     ["code"], registry=r)
+        self.upstream_up = Gauge("mirror_upstream_up", "1 when upstream answered the last probe of /v2/",
+                                 registry=r)
+        self.upstream_probe_seconds = Gauge("mirror_upstream_probe_seconds",
+                                            "Duration of the last upstream probe of /v2/", registry=r)
+        self.store_limits = Gauge("mirror_store_limit_bytes",
+                                  "Store quota and watermarks (level: max, high, low); absent when unbounded",
+                                  ["level"], registry=r)
+        self.disk_bytes = Gauge("mirror_disk_bytes", "The store's file system (kind: total, free)", ["kind"],
+                                registry=r)
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""
@@ -52,3 +64,17 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format for `/metrics`."""
         return generate_latest(self.registry)
+
+
+def sample_sum(metric: Any, suffix: str = "", **labels: str) -> float:
+    """The sum of a family's samples named `<name><suffix>` whose labels match.
+
+    The status page reads its figures through this, from the very objects
+    `/metrics` exposes, so the two never disagree.
+    """
+    total = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name == family.name + suffix and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

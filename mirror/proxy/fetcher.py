@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,6 +48,7 @@ class BlobFetch:
         self.repo = repo
         self.size: int | None = None
         self.written = 0
+        self.began = time.monotonic()  # for the status page's rate
         self.committed = False
         self.task: asyncio.Task[None] | None = None
         self.error: errors.RegistryError | None = None
@@ -222,6 +224,8 @@ class Fetcher:
                 del self.inflight[fetch.digest]
             if self.quota is not None:
                 self.quota.finish(fetch)
+            if fetch.error is not None and self.metrics is not None:
+                self.metrics.fill_failures.labels(fetch.error.code).inc()
             fetch.done.set()
             fetch._notify()
 

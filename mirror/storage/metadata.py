@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS pin_objects (
     registry TEXT NOT NULL, repo TEXT NOT NULL, reference TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (registry, repo, reference, digest));
 CREATE INDEX IF NOT EXISTS pin_objects_by_digest ON pin_objects (digest);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 
 
@@ -283,6 +285,20 @@ class Metadata:
     async def all_objects(self) -> list[tuple[str, int]]:
         """(digest, size) of every recorded object (start-up repair)."""
         return await self._run(self._sql, "SELECT digest, size FROM objects")
+
+    # -- counters -----------------------------------------------------------
+
+    async def counters(self) -> dict[str, float]:
+        """Lifetime totals (`mirror stats`), as every process has added them."""
+        return dict(await self._run(self._sql, "SELECT name, value FROM counters"))
+
+    async def add_counters(self, deltas: dict[str, float]) -> None:
+        """Add to lifetime totals in one transaction; processes add, never overwrite."""
+        rows = [(name, value) for name, value in deltas.items() if value]
+        if rows:
+            await self.transact(lambda db: db.executemany(
+                "INSERT INTO counters VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", rows))
 
     async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` on the worker thread, in one transaction.
