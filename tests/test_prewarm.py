@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import sys
 import time
 import uuid
@@ -276,3 +277,33 @@ async def cli(*args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_show_rate_and_eta_and_colour_only_on_a_terminal(monkeypatch) -> None:
+    """`mirror prewarm`'s progress: rate over the recent polls, ETA, colour only on a terminal."""
+    from mirror.commands import prewarm as command
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    now = [100.0]
+    monkeypatch.setattr(command.time, "monotonic", lambda: now[0])
+    job = {"state": "running", "blobs_done": 1, "blobs_total": 4, "bytes_done": 0, "bytes_total": 100_000_000}
+    terminal, pipe = _Terminal(), io.StringIO()
+    shown = [command.Progress(terminal), command.Progress(pipe)]
+    for step in range(3):
+        job = {**job, "bytes_done": step * 10_000_000}
+        for progress in shown:
+            progress.show(job)
+        now[0] += 1.0
+    last = terminal.getvalue().rsplit("\x1b[2K", 1)[-1]
+    assert "20.0 MB/100.0 MB  10.0 MB/s  ETA 0:08" in last  # 80 MB left at 10 MB/s
+    assert "\x1b[" in terminal.getvalue() and "\x1b[" not in pipe.getvalue()
+    for progress in shown:
+        progress.show({**job, "state": "done", "blobs_done": 4, "bytes_done": 100_000_000}, final=True)
+    assert "\x1b[32m[" in terminal.getvalue()  # a finished job's bars in green
+    assert pipe.getvalue().splitlines()[-1] == "done: 4/4 blobs, 100.0 MB/100.0 MB"
+    assert command.clock(3725) == "1:02:05" and command.clock(95) == "1:35"

@@ -1,8 +1,8 @@
 """`mirror prewarm IMAGE... | -f list.txt [--platform P] [--pin]` and `mirror unpin IMAGE...`.
 
 Prewarm starts a job on the running node (its admin API), follows it with
-progress bars on stderr (a terminal) or a line now and then (not a
-terminal), and prints a summary; the exit status is 1 when any image failed.
+progress bars with rate and ETA on stderr (a terminal; coloured unless
+NO_COLOR) or a line now and then (not a terminal), and prints a summary; the exit status is 1 when any image failed.
 `--no-wait` prints the job id and returns at once.
 """
 
@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import deque
 from typing import Any, TextIO
 
 from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.commands.table import colour_wanted, paint
 
 POLL = 0.5
 BAR = 30
 QUIET_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
+RATE_WINDOW = 5.0  # seconds of polls the shown rate is measured over
 
 
 def register(subparsers: Any) -> None:
@@ -103,28 +106,57 @@ def bar(done: int, total: int, width: int = BAR) -> str:
 
 
 class Progress:
-    """Two bars (blobs, bytes) redrawn in place on a terminal; lines otherwise."""
+    """Two bars (blobs, bytes, with rate and ETA) redrawn in place on a terminal; lines otherwise.
+
+    The rate is measured over the last RATE_WINDOW seconds of polls, so it
+    follows the link rather than the job's average; colour only on a terminal.
+    """
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.colour = colour_wanted(stream)
         self.last = 0.0
         self.drawn = False
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def rate(self, done: int, now: float) -> float | None:
+        """Bytes per second over the recent window (None until two samples)."""
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
+            self.samples.popleft()
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else None
 
     def show(self, job: dict[str, Any], final: bool = False) -> None:
-        blobs = f"{bar(job['blobs_done'], job['blobs_total'])} {job['blobs_done']}/{job['blobs_total']} blobs"
-        size = (f"{bar(job['bytes_done'], job['bytes_total'])} "
-                f"{human(job['bytes_done'])}/{human(job['bytes_total'])}")
+        now = time.monotonic()
+        rate = self.rate(job["bytes_done"], now)
+        speed = ""
+        if rate is not None and not final:
+            left = max(0, job["bytes_total"] - job["bytes_done"])
+            speed = f"  {human(rate)}/s" + (f"  ETA {clock(left / rate)}" if rate > 0 else "")
+        style = "red" if job["state"] == "failed" else "green" if job["state"] == "done" else None
+        blobs = (f"{paint(bar(job['blobs_done'], job['blobs_total']), style, self.colour)} "
+                 f"{job['blobs_done']}/{job['blobs_total']} blobs")
+        size = (f"{paint(bar(job['bytes_done'], job['bytes_total']), style, self.colour)} "
+                f"{human(job['bytes_done'])}/{human(job['bytes_total'])}{speed}")
         if self.tty:
             if self.drawn:
                 self.stream.write("\x1b[2F")
             self.stream.write(f"\x1b[2K{blobs}\n\x1b[2K{size}\n")
             self.drawn = True
-        elif final or time.monotonic() - self.last >= QUIET_EVERY:
-            self.last = time.monotonic()
+        elif final or now - self.last >= QUIET_EVERY:
+            self.last = now
             self.stream.write(f"{job['state']}: {job['blobs_done']}/{job['blobs_total']} blobs, "
-                              f"{human(job['bytes_done'])}/{human(job['bytes_total'])}\n")
+                              f"{human(job['bytes_done'])}/{human(job['bytes_total'])}{speed}\n")
         self.stream.flush()
+
+
+def clock(seconds: float) -> str:
+    """95 -> "1:35"; 3725 -> "1:02:05"."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def summary(job: dict[str, Any], seconds: float) -> str:
