@@ -29,6 +29,7 @@ from mirror.api.handlers import NODE
 from mirror.ops.prewarm import parse_image
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
+from mirror.upstream.credential import Credential
 
 MAX_IMAGES = 10_000
 MAX_TOP = 1000
@@ -111,7 +112,7 @@ async def _closure(node: Any, repo: str, digest: Digest) -> list[Digest]:
     if record is None or record.media_type is None:
         return found
     try:
-        result = await node.manifests.by_digest(repo, digest)
+        result = await node.manifests.by_digest(repo, digest, Credential.node())
         parsed = manifests.parse(result.raw, result.media_type)
     except errors.RegistryError:
         return found

@@ -11,6 +11,7 @@ from mirror import errors
 from mirror.api import handlers, routes, writes
 from mirror.auth.controller import required_access
 from mirror.registry.reference import RepositoryName
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,25 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if request.query.get("from"):
         RepositoryName.parse(request.query["from"])
     required = required_access(route, request.method, request.query.get("from"))
-    credential = await node.access.authorize(request, required)
-    if credential is not None:
-        request[handlers.UPSTREAM_AUTHORIZATION] = credential
+    client_header = await node.access.authorize(request, required)
+    request[handlers.UPSTREAM_CREDENTIAL] = upstream_credential(client_header)
     if request.method not in routes.READ_METHODS[route.name]:
         return await writes.forward(request, route)
     if route.name == "base":
         return await handlers.base(request)
     _check_namespace(request)
     return await handlers.HANDLERS[route.name](request, route.params)
+
+
+def upstream_credential(client_header: str | None) -> Credential:
+    """Whose credentials a request's upstream calls carry (README, Auth).
+
+    The access controller returns the client's `Authorization` header when
+    upstream judges the client itself (forward mode; token mode when upstream
+    trusts the same token service); otherwise (no auth, htpasswd, tokens
+    upstream does not trust) the node fetches with its own account.
+    """
+    return Credential.client(client_header) if client_header else Credential.node()
 
 
 def _check_namespace(request: web.Request) -> None:
