@@ -107,6 +107,11 @@ CASES = {
     "R-CRED-02": "a client's token refused mid-fetch (the resume's Range GET answered 401) with no "
                  "other client waiting: the fetch fails, the client is cut short; the node's own "
                  "account is never tried (no token request for it, no upstream GET with it)",
+    # pushes through the node (mirror.passthrough_writes)
+    "R-PUSH-01": "a ~200 KB manifest PUT arriving in several pieces with pauses (chunked, or with "
+                 "Content-Length): read to its end, lands upstream byte-identical, pulls back identical",
+    "R-PUSH-02": "a manifest PUT past mirror.manifest_max_size (announced, or chunked): 413 "
+                 "MANIFEST_INVALID (JSON) and nothing relayed upstream",
 }
 
 
@@ -970,6 +975,74 @@ async def test_refused_client_token_never_falls_back_to_the_node(make_mirror, ce
     assert len(used) == 2 and used == [f"Bearer {token}"] * 2, used  # the first GET and its resume
     assert "mirror-bot" not in issued
     await assert_nothing_published(node, digest)
+
+
+# --------------------------------------------------------------------------- pushes
+
+
+def _padded_manifest(config: bytes, layer: bytes, size: int) -> bytes:
+    """An OCI image manifest of about `size` bytes (a long annotation)."""
+    import json
+
+    def descriptor(media_type: str, data: bytes) -> dict[str, Any]:
+        return {"mediaType": media_type, "size": len(data), "digest": images.sha256_digest(data)}
+
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": images.OCI_MANIFEST,
+        "config": descriptor(images.OCI_CONFIG, config), "layers": [descriptor(images.OCI_LAYER, layer)],
+        "annotations": {"org.example.padding": uuid.uuid4().hex * (size // 32)},
+    }).encode()
+
+
+async def _in_pieces(body: bytes, pieces: int, pause: float = 0.2) -> Any:
+    step = -(-len(body) // pieces)
+    for start in range(0, len(body), step):
+        yield body[start:start + step]
+        await asyncio.sleep(pause)  # each piece arrives on its own
+
+
+async def _push_manifest_in_pieces(node: Any, repo: str, tag: str, body: bytes, announce: bool) -> httpx.Response:
+    headers = {"Content-Type": images.OCI_MANIFEST}
+    if announce:
+        headers["Content-Length"] = str(len(body))  # else chunked transfer encoding
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await client.put(f"{node.url}/v2/{repo}/manifests/{tag}", headers=headers,
+                                content=_in_pieces(body, 5))
+
+
+@pytest.mark.parametrize(("case_id", "announce"), [("R-PUSH-01", False), ("R-PUSH-01", True)],
+                         ids=["R-PUSH-01-chunked", "R-PUSH-01-length"])
+async def test_big_manifest_push_in_pieces(make_mirror, relay, upstream, upstream_client, case_id,
+                                           announce) -> None:
+    node = await make_mirror(relay.url, passthrough_writes=True, tag_ttl="1h")
+    repo = repo_name()
+    config, layer = b'{"architecture":"amd64","os":"linux"}', images.make_layer("big-manifest", 2048)
+    for data in (config, layer):
+        await images.push_blob(upstream_client, upstream.url, repo, data)
+    body = _padded_manifest(config, layer, 200_000)
+    digest = images.sha256_digest(body)
+    pushed = await _push_manifest_in_pieces(node, repo, "v1", body, announce)
+    assert pushed.status_code == 201, pushed.text
+    assert pushed.headers["Docker-Content-Digest"] == digest
+    direct = await upstream_client.get(f"{upstream.url}/v2/{repo}/manifests/{digest}",
+                                       headers={"Accept": images.OCI_MANIFEST})
+    assert direct.status_code == 200 and direct.content == body  # byte-identical upstream
+    async with node.client(headers={"Accept": images.OCI_MANIFEST}) as client:
+        by_tag = await client.get(f"/v2/{repo}/manifests/v1")
+        by_digest = await client.get(f"/v2/{repo}/manifests/{digest}")
+    assert by_tag.content == by_digest.content == body
+    assert by_tag.headers["Docker-Content-Digest"] == digest
+
+
+@pytest.mark.parametrize(("case_id", "announce"), [("R-PUSH-02", False), ("R-PUSH-02", True)],
+                         ids=["R-PUSH-02-chunked", "R-PUSH-02-length"])
+async def test_manifest_push_past_the_cap_is_413(make_mirror, relay, case_id, announce) -> None:
+    node = await make_mirror(relay.url, passthrough_writes=True, manifest_max_size="64KiB")
+    body = _padded_manifest(b"{}", b"layer", 100_000)
+    refused = await _push_manifest_in_pieces(node, repo_name(), "v1", body, announce)
+    assert refused.status_code == 413
+    assert refused.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert relay.count("PUT", "/manifests/") == 0
 
 
 def test_case_table_is_complete() -> None:
