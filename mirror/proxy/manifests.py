@@ -110,9 +110,30 @@ class Manifests:
         local = await self._load(repo, digest)
         if local is not None:
             return local
+        await self._refuse_a_held_blob(digest)
         self.negative.check(("manifest", repo, digest))
         return await self._flight.run(("get", repo, str(digest)),
                                       lambda: self._fetch(repo, str(digest), credential))
+
+    async def _refuse_a_held_blob(self, digest: Digest) -> None:
+        """A digest stored here as a blob (a layer, a config) is no manifest.
+
+        distribution answers a blob's digest on the manifests route with a
+        500, which would reach the client as a 503 after retries; the bytes
+        here already say it is not a manifest.
+
+        Raises:
+            ManifestUnknown: `digest` is a blob this node holds.
+        """
+        record = await self.metadata.get_object(digest)
+        if record is None or record.media_type is not None:
+            return
+        raw = await self._io(self.store.read, digest, record.size) if record.size <= self.max_size else b""
+        try:
+            manifests.detect_media_type(raw or b"", None)
+        except errors.RegistryError:
+            raise errors.ManifestUnknown(detail={"digest": str(digest)}) from None
+        # bytes that do name a manifest type (pushed as a blob too): ask upstream as usual
 
     async def _load(self, repo: str, digest: Digest, *, linked_only: bool = True) -> ManifestResult | None:
         """Read a stored manifest, re-hashing it on every read (bit rot)."""

@@ -212,8 +212,9 @@ class Upstream:
 
         Raises:
             RegistryError: upstream's answer mapped (MANIFEST_UNKNOWN, ...);
-                MANIFEST_INVALID when it is too big, not a manifest, or its
-                bytes do not match the digest named by reference or header.
+                MANIFEST_INVALID when it is too big or not a manifest; 502
+                MANIFEST_INVALID when its bytes do not match the digest named
+                by reference or header (upstream's fault, not the client's).
         """
         return await self._retrying(lambda: self._get_manifest(repo, reference, max_size, credential))
 
@@ -386,8 +387,8 @@ def _verified_digest(raw: bytes, reference: str, header: str | None) -> Digest:
         if named:
             expected = Digest.parse(named)
             if Digest.of(raw, expected.algorithm) != expected:
-                raise errors.ManifestInvalid("upstream manifest does not match its digest",
-                                             detail={"digest": named})
+                raise errors.UpstreamManifestInvalid("upstream manifest does not match its digest",
+                                                     detail={"digest": named})
     return Digest.of(raw)
 
 
