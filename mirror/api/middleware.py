@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.http_exceptions import InvalidURLError
 
 from mirror import errors
 from mirror.api import handlers, routes, writes
@@ -62,7 +63,7 @@ def parser_refusal(status: int, exc: BaseException | None) -> web.Response:
 
 def _refused_target(exc: BaseException | None) -> str | None:
     """The request target quoted in an llhttp URL error, percent-encoded."""
-    found = _PARSER_LINE.search(str(getattr(exc, "message", "") or ""))
+    found = _PARSER_LINE.search(exc.message) if isinstance(exc, InvalidURLError) else None
     if found is None:
         return None
     try:
@@ -70,7 +71,7 @@ def _refused_target(exc: BaseException | None) -> str | None:
     except (ValueError, SyntaxError):
         return None
     parts = line.split(b" ") if isinstance(line, bytes) else []
-    return quote(parts[1], safe=_SAFE) if len(parts) == 3 else None
+    return quote(parts[1], safe=_SAFE) if len(parts) == 3 and parts[2].startswith(b"HTTP/") else None
 
 
 def _judged_target(target: str | None) -> errors.RegistryError | None:
