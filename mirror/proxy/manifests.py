@@ -14,6 +14,7 @@ tag -> (digest, media type) per repository, as distribution does it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -128,12 +129,9 @@ class Manifests:
         record = await self.metadata.get_object(digest)
         if record is None or record.media_type is not None:
             return
-        raw = await self._io(self.store.read, digest, record.size) if record.size <= self.max_size else b""
-        try:
-            manifests.detect_media_type(raw or b"", None)
-        except errors.RegistryError:
-            raise errors.ManifestUnknown(detail={"digest": str(digest)}) from None
-        # bytes that do name a manifest type (pushed as a blob too): ask upstream as usual
+        raw = await self._io(self.store.read, digest, record.size) if record.size <= self.max_size else None
+        if not _may_be_manifest(raw):  # else (adopted at start-up, pushed as a blob too): ask upstream
+            raise errors.ManifestUnknown(detail={"digest": str(digest)})
 
     async def _load(self, repo: str, digest: Digest, *, linked_only: bool = True) -> ManifestResult | None:
         """Read a stored manifest, re-hashing it on every read (bit rot)."""
@@ -235,3 +233,10 @@ class Manifests:
         await self.metadata.put_tag(repo, tag, TagRecord(digest, media_type, time.time()))
         self.negative.forget(("tag", repo, tag))
 
+
+def _may_be_manifest(raw: bytes | None) -> bool:
+    """True for a JSON object with `schemaVersion` 2, which every manifest and index has."""
+    try:
+        return raw is not None and json.loads(raw).get("schemaVersion") == 2
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return False
