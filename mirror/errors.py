@@ -14,6 +14,10 @@ Hierarchy::
      ├── ManifestInvalid, BlobUnknown, RangeInvalid, PaginationNumberInvalid,
      ├── Unsupported, Unauthorized, Denied, TooManyRequests, Unavailable,
      └── Unknown (a bug or a local failure: the only 500)
+
+    ManifestInvalid
+     └── UpstreamManifestInvalid (502: upstream's manifest does not match its
+         digest; the client did nothing wrong)
 """
 
 from __future__ import annotations
@@ -96,7 +100,21 @@ TooManyRequests = _error_class("TooManyRequests", "TOOMANYREQUESTS")
 Unavailable = _error_class("Unavailable", "UNAVAILABLE")
 Unknown = _error_class("Unknown", "UNKNOWN")
 
-_BY_CODE = {cls.code: cls for cls in RegistryError.__subclasses__()}
+
+
+class UpstreamManifestInvalid(ManifestInvalid):  # type: ignore[misc,valid-type]
+    """Upstream sent a manifest that does not match the digest it named: 502.
+
+    A 400 would blame the client, who asked for nothing wrong; the code stays
+    MANIFEST_INVALID, the status says the gateway's upstream failed.
+    """
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("status", 502)
+        super().__init__(message, **kwargs)
+
+
+_BY_CODE = {cls.code: cls for cls in RegistryError.__subclasses__()}  # direct subclasses: one per code
 
 
 def error_for_code(code: str) -> type[RegistryError]:

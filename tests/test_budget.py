@@ -20,6 +20,7 @@ from mirror.upstream.budget import (
     is_background,
     promote,
 )
+from mirror.upstream.credential import Credential
 from tests.support import images
 from tests.support.images import DOCKER_SCHEMA2
 
@@ -181,7 +182,7 @@ async def test_a_client_joining_a_background_fetch_promotes_it(make_mirror, rela
     digest, data = image.layers[0]
     node = await make_mirror(relay.url, upstream={"max_concurrency": 1, "max_bandwidth": "2MB"})
     with background():
-        fetch = node.node.fetcher.start(image.repo, Digest.parse(digest))
+        fetch = node.node.fetcher.start(image.repo, Digest.parse(digest), Credential.node())
     assert fetch.work is not None and fetch.work.background
     async with node.client() as client:
         response = await client.get(f"/v2/{image.repo}/blobs/{digest}")

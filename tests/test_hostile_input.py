@@ -8,6 +8,7 @@ are referenced by ID in `CASES` (their test named) rather than repeated.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mirror.registry.digest import Digest
 from mirror.upstream.auth import Challenge
 from tests.support import faults as F
 from tests.support import images
@@ -86,6 +88,18 @@ CASES = {
     "H-PROP-02": "name, tag, reference, digest, range and route parsers never raise anything but their spec "
                  "error and agree with the grammar (tests/test_reference.py, test_digest.py, test_ranges.py, "
                  "test_routes.py)",
+    # protocol edges
+    "H-PROTO-01": "requests aiohttp's HTTP parser refuses get the spec's JSON error, never plain text: raw "
+                  "non-ASCII in a name / tag / digest -> 400 NAME_INVALID / TAG_INVALID / DIGEST_INVALID (as "
+                  "their percent-encoding), in a query -> 400, oversized headers -> 400/431",
+    "H-PROTO-02": "`%2F` in a repository name is not a separator: 400 NAME_INVALID on every route, even "
+                  "when the decoded name exists upstream; nothing sent upstream",
+    "H-PROTO-03": "a `Range` in an unknown unit (`items=0-1`) is ignored (RFC 9110 14.2): 200 with the whole "
+                  "blob, stored or fetched now",
+    "H-PROTO-04": "a manifest GET/HEAD by the digest of a blob the node holds -> 404 MANIFEST_UNKNOWN at "
+                  "once (distribution's 500 was a 503 after retries); no upstream manifest request",
+    "H-PROTO-05": "upstream's `Docker-Content-Digest` disagrees with the manifest it sent -> 502 "
+                  "MANIFEST_INVALID (the client did nothing wrong), nothing stored",
 }
 
 
@@ -167,7 +181,7 @@ async def test_longest_valid_tag_is_looked_up(mirror, relay, case_id) -> None:
 # --------------------------------------------------------------------------- ranges
 
 
-RANGES_416 = ["bytes=abc", "bytes=", "bytes=-", "items=0-1", "0-1", "bytes=9-0", "bytes=0-1,3-4",
+RANGES_416 = ["bytes=abc", "bytes=", "bytes=-", "0-1", "bytes=9-0", "bytes=0-1,3-4",
               "bytes=0-1, 3-4", "bytes=0-0,0-0,0-0,0-0,0-0,0-0,0-0,0-0", "bytes=999999-", "bytes=SIZE-",
               "bytes=-0", "bytes=1" + "0" * 19 + "-", "bytes=0-1" + "0" * 19, "bytes=--1", "bytes=+1-2",
               "bytes=1 - 2", "bytes=0x10-0x20", "bytes=0-1,"]
@@ -348,6 +362,96 @@ def test_challenge_parse_is_linear(case_id, unit: str, prefix: str) -> None:
     started = time.perf_counter()
     Challenge.parse(header)
     assert time.perf_counter() - started < 0.1, (unit, prefix)
+
+
+# --------------------------------------------------------------------------- protocol edges
+
+
+def json_error(body: bytes) -> tuple[str, Any]:
+    """(code, detail) of a spec error body; fails on anything that is not one."""
+    entry = json.loads(body)["errors"][0]
+    return entry["code"], entry.get("detail")
+
+
+@pytest.mark.parametrize("case_id", ["H-PROTO-01"])
+async def test_parser_refusals_carry_the_spec_error(mirror, relay, case_id) -> None:
+    for target, code in (("/v2/t\u00e9am/app/manifests/v1", "NAME_INVALID"),
+                         ("/v2/\u00e9/tags/list", "NAME_INVALID"),
+                         ("/v2/team/app/manifests/\u00e9t\u00e9", "TAG_INVALID"),
+                         ("/v2/team/app/blobs/sha256:\u0661" + "a" * 63, "DIGEST_INVALID"),
+                         ("/v2/_catalog?last=\u00e9", "UNKNOWN")):
+        got, headers, body = await raw_request("127.0.0.1", mirror.port, "GET", target)
+        assert (got, json_error(body)[0]) == (400, code), (target, got, body[:200])
+        assert headers["content-type"].startswith("application/json")
+        assert headers["docker-distribution-api-version"] == "registry/2.0"
+    got, headers, body = await raw_request("127.0.0.1", mirror.port, "GET", "/v2/team/app/manifests/v1",
+                                           {"X-Big": "a" * 20_000})
+    assert got in (400, 431) and headers["content-type"].startswith("application/json"), (got, body[:200])
+    json_error(body)
+    got, _headers, _body = await raw_request("127.0.0.1", mirror.port, "GET", "/v2/")
+    assert got == 200  # the node serves on
+    assert relay.count() == 0
+
+
+@pytest.mark.parametrize("case_id", ["H-PROTO-02"])
+async def test_encoded_slash_is_not_a_separator(mirror, relay, upstream, upstream_client, case_id) -> None:
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[2000])
+    encoded = image.repo.replace("/", "%2F")
+    relay.reset()
+    for path in (f"/v2/{encoded}/manifests/v1", f"/v2/{encoded}/manifests/{image.digest}",
+                 f"/v2/{encoded}/blobs/{image.layers[0][0]}", f"/v2/{encoded.lower()}/tags/list"):
+        got, _headers, body = await raw_request("127.0.0.1", mirror.port, "GET", path)
+        assert (got, json_error(body)[0]) == (400, "NAME_INVALID"), (path, got, body[:200])
+    assert relay.count() == 0
+
+
+@pytest.mark.parametrize("case_id", ["H-PROTO-03"])
+async def test_range_in_an_unknown_unit_is_ignored(mirror, relay, upstream, upstream_client, case_id) -> None:
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[300_000])
+    digest, data = image.layers[0]
+    path = f"/v2/{image.repo}/blobs/{digest}"
+    for _ in ("fetched now", "stored"):
+        got, headers, body = await raw_request("127.0.0.1", mirror.port, "GET", path, {"Range": "items=0-1"})
+        assert (got, body) == (200, data)
+        assert "content-range" not in headers
+    assert relay.count("GET", "/blobs/") == 1
+
+
+@pytest.mark.parametrize("case_id", ["H-PROTO-04"])
+async def test_a_held_blob_is_no_manifest(mirror, relay, upstream, upstream_client, case_id) -> None:
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[3000])
+    async with mirror.client() as client:
+        for digest in image.blobs:  # the layer and the config are held here now
+            assert (await client.get(f"/v2/{image.repo}/blobs/{digest}")).status_code == 200
+        relay.reset()
+        for digest in image.blobs:
+            got = await client.get(f"/v2/{image.repo}/manifests/{digest}")
+            assert (got.status_code, got.json()["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN")
+            assert (await client.head(f"/v2/{image.repo}/manifests/{digest}")).status_code == 404
+        assert relay.count("GET", "/manifests/") + relay.count("HEAD", "/manifests/") == 0
+        # a manifest recorded without its type (adopted at start-up) is still a manifest
+        node, digest = mirror.node, Digest.parse(image.digest)
+        await asyncio.get_running_loop().run_in_executor(node.executor, node.store.put_bytes, digest,
+                                                         image.manifest)
+        await node.metadata.put_object(digest, len(image.manifest), None)
+        got = await client.get(f"/v2/{image.repo}/manifests/{image.digest}",
+                               headers={"Accept": images.DOCKER_SCHEMA2})
+    assert (got.status_code, got.content) == (200, image.manifest)
+
+
+@pytest.mark.parametrize("case_id", ["H-PROTO-05"])
+async def test_upstream_digest_disagreeing_with_its_body_is_502(make_mirror, upstream, upstream_client,
+                                                                case_id) -> None:
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[1000])
+    with FaultRelay(upstream.url) as link:
+        node = await make_mirror(link.url)
+        link.inject(F.rewrite(lambda path: path, headers={"Docker-Content-Digest": "sha256:" + SHA}),
+                    method="GET", path="/manifests/v1", times=None)
+        async with node.client(headers={"Accept": images.DOCKER_SCHEMA2}) as client:
+            got = await client.get(f"/v2/{image.repo}/manifests/v1")
+    assert got.status_code == 502
+    assert json_error(got.content) == ("MANIFEST_INVALID", {"digest": "sha256:" + SHA})
+    assert await node.node.metadata.get_tag(image.repo, "v1") is None
 
 
 def test_case_ids_have_tests_or_references() -> None:

@@ -182,6 +182,22 @@ async def test_only_tagged_manifest_pushes_and_deletes_are_acted_on(mirror, admi
     assert (await admin_of.post("/admin/notify", content=b"not json")).status_code == 400
 
 
+async def test_a_big_envelope_in_pieces_is_read_whole(mirror, admin_of) -> None:
+    """An envelope arriving in pieces is read to its end, not cut at what is buffered (R-PUSH-01)."""
+    pulls = [{**push_event("a/b", "sha256:" + "6" * 64, "v1"), "action": "pull"} for _ in range(700)]
+    body = envelope(*pulls)
+    assert len(body) > 150_000
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 40_000):
+            yield body[start:start + 40_000]
+            await asyncio.sleep(0.1)
+
+    response = await admin_of.post("/admin/notify", content=pieces())
+    assert response.status_code == 200, response.text
+    assert response.json() == {"events": 700, "acted": 0, "ignored": 700}
+
+
 async def test_reordered_and_duplicate_events_end_at_upstreams_truth(mirror, admin_of, relay, upstream,
                                                                      upstream_client) -> None:
     repo = unique("team/order")

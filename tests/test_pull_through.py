@@ -222,6 +222,7 @@ async def test_edge_node_ttl_does_not_stack_on_the_middle_node(make_mirror, rela
 async def test_shared_fetch_continues_with_another_waiters_token(mirror, relay, upstream, upstream_client) -> None:
     """A token refused mid-way (expired) is replaced by another waiting client's."""
     from mirror.registry.digest import Digest
+    from mirror.upstream.credential import Credential
 
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[MiB])
     digest, data = image.layers[0]
@@ -232,8 +233,8 @@ async def test_shared_fetch_continues_with_another_waiters_token(mirror, relay, 
 
     relay.fault = refuse_expired
     fetcher = mirror.node.blobs.fetcher
-    fetch = fetcher.start(image.repo, Digest.parse(digest), "Bearer expired")
-    fetcher.start(image.repo, Digest.parse(digest), "Bearer fresh")  # a second client joins
+    fetch = fetcher.start(image.repo, Digest.parse(digest), Credential.client("Bearer expired"))
+    fetcher.start(image.repo, Digest.parse(digest), Credential.client("Bearer fresh"))  # a second client joins
     await fetch.done.wait()
     assert fetch.committed and fetch.error is None
     used = [{k.lower(): v for k, v in (r.request_headers or {}).items()}.get("authorization")

@@ -101,6 +101,17 @@ CASES = {
                "all closed after the header timeout (10 s)",
     "R-CL-05": "the header timeout runs from a connection's start or a request's first byte, trickling "
                "does not extend it; an idle kept-alive connection is left to the keep-alive timeout",
+    # credentials: whose account an upstream request uses
+    "R-CRED-01": "a Range on a blob still in flight waits for it, and its reopening upstream (the blob "
+                 "went uncached: over the quota) carries the same client's token, never the node's",
+    "R-CRED-02": "a client's token refused mid-fetch (the resume's Range GET answered 401) with no "
+                 "other client waiting: the fetch fails, the client is cut short; the node's own "
+                 "account is never tried (no token request for it, no upstream GET with it)",
+    # pushes through the node (mirror.passthrough_writes)
+    "R-PUSH-01": "a ~200 KB manifest PUT arriving in several pieces with pauses (chunked, or with "
+                 "Content-Length): read to its end, lands upstream byte-identical, pulls back identical",
+    "R-PUSH-02": "a manifest PUT past mirror.manifest_max_size (announced, or chunked): 413 "
+                 "MANIFEST_INVALID (JSON) and nothing relayed upstream",
 }
 
 
@@ -879,6 +890,159 @@ async def test_header_timeout_semantics(make_mirror, faults, monkeypatch, case_i
     finally:
         for sock in (trickling, idle, second):
             sock.close()
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+@pytest.fixture(scope="module")
+def central_ca(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.support.token_issuer import make_ca
+
+    return make_ca(tmp_path_factory.mktemp("cred-pki"), name="central")
+
+
+async def _central_image(central: Any, repo: str, size: int) -> Any:
+    async with httpx.AsyncClient(timeout=30) as seed:
+        return await images.push_image(seed, central.registry.url, repo, "v1", layers=[size],
+                                       headers={"Authorization": f"Bearer {central.admin_token(repo)}"})
+
+
+def _client_token(central: Any, repo: str) -> str:
+    from tests.support.authenv import pull_access
+
+    return str(central.ca.mint(audience=central.service, subject="alice", access=pull_access(repo)))
+
+
+def _blob_authorizations(link: Any) -> list[str | None]:
+    return [{k.lower(): v for k, v in (r.request_headers or {}).items()}.get("authorization")
+            for r in link.records if "/blobs/" in r.path_qs and r.method == "GET"]
+
+
+@pytest.mark.parametrize("case_id", [case("R-CRED-01")])
+async def test_range_after_commit_keeps_the_clients_token(make_mirror, central_ca, tmp_path, case_id) -> None:
+    from tests.support.authenv import Central, node_config
+    from tests.support.relay import run_relay
+
+    repo = repo_name()
+    users = {"mirror-bot": ("bot-pw", {repo: {"pull"}})}  # the node's account could pull it
+    with Central(tmp_path, central_ca, users=users) as central, run_relay(central.registry.url) as link:
+        image = await _central_image(central, repo, 2 * MiB)
+        digest, data = image.layers[0]
+        node = await make_mirror(link.url, config=node_config(
+            tmp_path, link.url, auth={"token": central.token_block},
+            proxy={"username": "mirror-bot", "password": "bot-pw"},
+            cache={"max_size": "1MiB"}))  # the blob never fits: relayed uncached, reopened
+        token = _client_token(central, image.repo)
+        async with node.client(headers={"Authorization": f"Bearer {token}", "Range": "bytes=0-99"}) as client:
+            got = await get(client, f"/v2/{image.repo}/blobs/{digest}")
+        used = _blob_authorizations(link)
+        issued = [user for user, _ in central.iter_log()]
+    assert got.complete  # a 206 of the range, or (uncached, relayed again) the whole blob
+    assert (got.status, got.body) == (206, data[:100]) or (got.status, got.digest) == (200, digest)
+    assert len(used) == 2, used  # the first fetch, then the reopening after it ended
+    assert used == [f"Bearer {token}"] * 2
+    assert "mirror-bot" not in issued
+
+
+@pytest.mark.parametrize("case_id", [case("R-CRED-02")])
+async def test_refused_client_token_never_falls_back_to_the_node(make_mirror, central_ca, tmp_path,
+                                                                 case_id) -> None:
+    from tests.support.authenv import Central, node_config
+
+    repo = repo_name()
+    users = {"mirror-bot": ("bot-pw", {repo: {"pull"}})}  # the node's account could finish the fetch
+    with Central(tmp_path, central_ca, users=users) as central, FaultRelay(central.registry.url) as link:
+        image = await _central_image(central, repo, 2 * MiB)
+        digest, data = image.layers[0]
+        token = _client_token(central, image.repo)
+        node = await make_mirror(link.url, config=node_config(
+            tmp_path, link.url, auth={"token": central.token_block},
+            proxy={"username": "mirror-bot", "password": "bot-pw"}))
+
+        def clients_resume(rec: Any) -> bool:
+            headers = {k.lower(): v for k, v in (rec.request_headers or {}).items()}
+            return "range" in headers and headers.get("authorization") == f"Bearer {token}"
+
+        link.inject(F.reset(after=512 * 1024), method="GET", path="/blobs/")
+        link.inject(F.status(401), method="GET", path="/blobs/", where=clients_resume, times=None)
+        async with node.client(headers={"Authorization": f"Bearer {token}"}) as client:
+            got = await get(client, f"/v2/{image.repo}/blobs/{digest}")
+        await settled(node)
+        used = _blob_authorizations(link)
+        issued = [user for user, _ in central.iter_log()]
+    assert got.short and got.received < len(data)
+    assert len(used) == 2 and used == [f"Bearer {token}"] * 2, used  # the first GET and its resume
+    assert "mirror-bot" not in issued
+    await assert_nothing_published(node, digest)
+
+
+# --------------------------------------------------------------------------- pushes
+
+
+def _padded_manifest(config: bytes, layer: bytes, size: int) -> bytes:
+    """An OCI image manifest of about `size` bytes (a long annotation)."""
+    import json
+
+    def descriptor(media_type: str, data: bytes) -> dict[str, Any]:
+        return {"mediaType": media_type, "size": len(data), "digest": images.sha256_digest(data)}
+
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": images.OCI_MANIFEST,
+        "config": descriptor(images.OCI_CONFIG, config), "layers": [descriptor(images.OCI_LAYER, layer)],
+        "annotations": {"org.example.padding": uuid.uuid4().hex * (size // 32)},
+    }).encode()
+
+
+async def _in_pieces(body: bytes, pieces: int, pause: float = 0.2) -> Any:
+    step = -(-len(body) // pieces)
+    for start in range(0, len(body), step):
+        yield body[start:start + step]
+        await asyncio.sleep(pause)  # each piece arrives on its own
+
+
+async def _push_manifest_in_pieces(node: Any, repo: str, tag: str, body: bytes, announce: bool) -> httpx.Response:
+    headers = {"Content-Type": images.OCI_MANIFEST}
+    if announce:
+        headers["Content-Length"] = str(len(body))  # else chunked transfer encoding
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await client.put(f"{node.url}/v2/{repo}/manifests/{tag}", headers=headers,
+                                content=_in_pieces(body, 5))
+
+
+@pytest.mark.parametrize(("case_id", "announce"), [("R-PUSH-01", False), ("R-PUSH-01", True)],
+                         ids=["R-PUSH-01-chunked", "R-PUSH-01-length"])
+async def test_big_manifest_push_in_pieces(make_mirror, relay, upstream, upstream_client, case_id,
+                                           announce) -> None:
+    node = await make_mirror(relay.url, passthrough_writes=True, tag_ttl="1h")
+    repo = repo_name()
+    config, layer = b'{"architecture":"amd64","os":"linux"}', images.make_layer("big-manifest", 2048)
+    for data in (config, layer):
+        await images.push_blob(upstream_client, upstream.url, repo, data)
+    body = _padded_manifest(config, layer, 200_000)
+    digest = images.sha256_digest(body)
+    pushed = await _push_manifest_in_pieces(node, repo, "v1", body, announce)
+    assert pushed.status_code == 201, pushed.text
+    assert pushed.headers["Docker-Content-Digest"] == digest
+    direct = await upstream_client.get(f"{upstream.url}/v2/{repo}/manifests/{digest}",
+                                       headers={"Accept": images.OCI_MANIFEST})
+    assert direct.status_code == 200 and direct.content == body  # byte-identical upstream
+    async with node.client(headers={"Accept": images.OCI_MANIFEST}) as client:
+        by_tag = await client.get(f"/v2/{repo}/manifests/v1")
+        by_digest = await client.get(f"/v2/{repo}/manifests/{digest}")
+    assert by_tag.content == by_digest.content == body
+    assert by_tag.headers["Docker-Content-Digest"] == digest
+
+
+@pytest.mark.parametrize(("case_id", "announce"), [("R-PUSH-02", False), ("R-PUSH-02", True)],
+                         ids=["R-PUSH-02-chunked", "R-PUSH-02-length"])
+async def test_manifest_push_past_the_cap_is_413(make_mirror, relay, case_id, announce) -> None:
+    node = await make_mirror(relay.url, passthrough_writes=True, manifest_max_size="64KiB")
+    body = _padded_manifest(b"{}", b"layer", 100_000)
+    refused = await _push_manifest_in_pieces(node, repo_name(), "v1", body, announce)
+    assert refused.status_code == 413
+    assert refused.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert relay.count("PUT", "/manifests/") == 0
 
 
 def test_case_table_is_complete() -> None:

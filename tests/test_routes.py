@@ -51,10 +51,12 @@ ROUTES = [
      {"name": "alpine", "reference": "a/b"}),
     ("encoded-newline-in-reference", "/v2/alpine/manifests/latest%0A", "manifest",
      {"name": "alpine", "reference": "latest\n"}),
+    # ... except an encoded slash in a name, which stays the text %2F (NAME_INVALID later).
     ("encoded-slash-in-name", "/v2/library%2Falpine/manifests/latest", "manifest",
-     {"name": "library/alpine", "reference": "latest"}),
+     {"name": "library%2Falpine", "reference": "latest"}),
+    ("encoded-slash-in-name-lowercase", "/v2/library%2falpine/tags/list", "tags", {"name": "library%2falpine"}),
     ("encoded-keyword-is-not-a-keyword", "/v2/x%2Fmanifests%2Fy/blobs/" + D, "blob",
-     {"name": "x/manifests/y", "digest": D}),
+     {"name": "x%2Fmanifests%2Fy", "digest": D}),
     ("invalid-utf8-replaced", "/v2/a%FF/tags/list", "tags", {"name": "a\ufffd"}),
     # Names are not validated here; the handler validates them with the name grammar.
     ("unvalidated-name", "/v2/UPPER/../x/manifests/latest", "manifest",

@@ -10,6 +10,7 @@ from aiohttp import web
 from mirror.config import UpstreamSettings
 from mirror.registry.digest import Digest
 from mirror.upstream.client import Upstream
+from mirror.upstream.credential import Credential
 from tests.support import images
 
 
@@ -36,7 +37,8 @@ async def test_redirect_is_followed_without_the_authorization_header(relay, upst
     client = Upstream(front, None, None, UpstreamSettings())
     try:
         received = bytearray()
-        async with client.stream_blob(image.repo, Digest.parse(digest), 0, "Bearer client-secret") as stream:
+        async with client.stream_blob(image.repo, Digest.parse(digest), 0,
+                                      Credential.client("Bearer client-secret")) as stream:
             async for chunk in stream.chunks():
                 received += chunk
     finally:

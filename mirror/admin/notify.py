@@ -13,6 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror import errors
+from mirror.api.bodies import read_capped
 from mirror.api.handlers import NODE
 from mirror.ops.notify import HOPS_HEADER
 
@@ -20,11 +21,8 @@ MAX_BODY = 16 * 1024 * 1024
 
 
 async def notify(request: web.Request) -> web.Response:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise errors.RegistryError("notification envelope too large", status=413)
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise errors.RegistryError("notification envelope too large", status=413)
+    body = await read_capped(request, MAX_BODY,
+                             lambda: errors.RegistryError("notification envelope too large", status=413))
     raw_hops = request.headers.get(HOPS_HEADER, "0")
     hops = int(raw_hops) if raw_hops.isdigit() else 0
     counts = request.app[NODE].ops.notifications.receive(body, hops)

@@ -22,6 +22,7 @@ from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import parse_accept
 from mirror.registry.reference import RepositoryName, Tag, parse_reference
 from mirror.storage.quota import RETRY_AFTER, is_disk_full
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
@@ -29,8 +30,8 @@ NODE: web.AppKey[Node] = web.AppKey("node", Node)
 CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
 #: The matched route's name (set by dispatch; read by the access log and metrics).
 ROUTE_NAME: web.RequestKey[str] = web.RequestKey("route", str)
-#: A client's token to pass upstream, set by the auth layer when it applies.
-UPSTREAM_AUTHORIZATION: web.RequestKey[str] = web.RequestKey("upstream_authorization", str)
+#: Whose credentials this request's upstream calls carry; set by the auth layer, always.
+UPSTREAM_CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("upstream_credential", Credential)
 MAX_PAGE = 10_000
 BLOB_CACHE_CONTROL = "max-age=31536000"
 
@@ -39,9 +40,9 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]
 
 
-def _authorization(request: web.Request) -> str | None:
-    """A client token to pass upstream; set by the auth layer when it applies."""
-    return request.get(UPSTREAM_AUTHORIZATION)
+def _credential(request: web.Request) -> Credential:
+    """Whose credentials to use upstream: the auth layer's verdict (a KeyError if it gave none)."""
+    return request[UPSTREAM_CREDENTIAL]
 
 
 async def base(request: web.Request) -> web.Response:
@@ -63,7 +64,7 @@ async def tags_list(request: web.Request, params: dict[str, str]) -> web.Respons
     """`GET /v2/<name>/tags/list` with `n`/`last` pagination."""
     repo = RepositoryName.parse(params["name"]).value
     n, last = page_params(request)
-    tags = await _node(request).tags.list(repo, _authorization(request))
+    tags = await _node(request).tags.list(repo, _credential(request))
     page, more = paginate(tags, n, last)
     response = web.json_response({"name": repo, "tags": page})
     if more:
@@ -93,7 +94,7 @@ async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamRe
     reference = parse_reference(params["reference"])
     accepted = parse_accept(request.headers.getall("Accept", []))
     try:
-        result = await _node(request).manifests.get(repo, reference, accepted, _authorization(request))
+        result = await _node(request).manifests.get(repo, reference, accepted, _credential(request))
     except OSError as exc:  # storing it failed: a full disk is 503, and recovers
         _node(request).quota.store_error(exc)
         if is_disk_full(exc):
@@ -138,16 +139,16 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
     digest = Digest.parse(params["digest"])
     node = _node(request)
     if request.method == "HEAD":
-        source = await node.blobs.stat(repo, digest, _authorization(request))
+        source = await node.blobs.stat(repo, digest, _credential(request))
         request[CACHE_OUTCOME] = source.cache
         response = web.StreamResponse(headers=_blob_headers(digest))
         if source.size is not None:
             response.content_length = source.size
         return response
-    source = await node.blobs.open(repo, digest, _authorization(request))
+    source = await node.blobs.open(repo, digest, _credential(request))
     request[CACHE_OUTCOME] = source.cache
     if source.fetch is not None and "Range" in request.headers:
-        source = await _after_commit(node, repo, source)
+        source = await _after_commit(node, repo, source, _credential(request))
     if source.fd is not None:
         return _send_stored(request, source, node.quota.hold(digest))  # never evicted while read
     assert source.fetch is not None
@@ -162,13 +163,17 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
         release()
 
 
-async def _after_commit(node: Node, repo: str, source: BlobSource) -> BlobSource:
-    """A Range on a blob still in flight waits for the verified object."""
+async def _after_commit(node: Node, repo: str, source: BlobSource, credential: Credential) -> BlobSource:
+    """A Range on a blob still in flight waits for the verified object.
+
+    Reopening it carries the same client's credential: a fetch that failed
+    or went uncached is retried as that client, never as the node.
+    """
     assert source.fetch is not None
     await source.fetch.done.wait()
     if source.fetch.error is not None:
         raise source.fetch.error
-    return await node.blobs.open(repo, source.digest)
+    return await node.blobs.open(repo, source.digest, credential)
 
 
 def _send_stored(request: web.Request, source: BlobSource, release: Callable[[], None]) -> web.StreamResponse:

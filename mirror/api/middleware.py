@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 from collections.abc import Awaitable, Callable
+from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.http_exceptions import InvalidURLError
 
 from mirror import errors
 from mirror.api import handlers, routes, writes
 from mirror.auth.controller import required_access
-from mirror.registry.reference import RepositoryName
+from mirror.registry.digest import Digest
+from mirror.registry.reference import RepositoryName, parse_reference
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: llhttp quotes the refused line as a bytes literal on its own line.
+_PARSER_LINE = re.compile(r"^  (b'.*'|b\".*\")$", re.M)
+_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII stays; other bytes get %XX
 
 
 @web.middleware
@@ -32,6 +41,53 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unexpected failure serving %s %s", request.method, request.path)
         return error_response(errors.Unknown())
+
+
+def parser_refusal(status: int, exc: BaseException | None) -> web.Response:
+    """The spec's JSON answer for a request aiohttp's HTTP parser refused.
+
+    Such a request never reaches :func:`dispatch` (aiohttp answers plain
+    text on its own). A raw non-ASCII byte in the target means what its
+    percent-encoding means, so the target, when it can be recovered from
+    the parser's message, is judged as dispatch would judge the encoded one:
+    NAME_INVALID, TAG_INVALID, DIGEST_INVALID; anything else keeps the
+    parser's status (400, 431) with a generic message.
+    """
+    error = _judged_target(_refused_target(exc)) or errors.RegistryError("malformed HTTP request",
+                                                                         status=status)
+    response = error_response(error)
+    response.headers[API_VERSION[0]] = API_VERSION[1]
+    response.force_close()  # the parser's state is lost: the connection cannot go on
+    return response
+
+
+def _refused_target(exc: BaseException | None) -> str | None:
+    """The request target quoted in an llhttp URL error, percent-encoded."""
+    found = _PARSER_LINE.search(exc.message) if isinstance(exc, InvalidURLError) else None
+    if found is None:
+        return None
+    try:
+        line = ast.literal_eval(found.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    parts = line.split(b" ") if isinstance(line, bytes) else []
+    return quote(parts[1], safe=_SAFE) if len(parts) == 3 and parts[2].startswith(b"HTTP/") else None
+
+
+def _judged_target(target: str | None) -> errors.RegistryError | None:
+    if target is None:
+        return None
+    try:
+        route = routes.match(target.split("?", 1)[0])
+        if "name" in route.params:
+            RepositoryName.parse(route.params["name"])
+        if "reference" in route.params:
+            parse_reference(route.params["reference"])
+        if "digest" in route.params:
+            Digest.parse(route.params["digest"])
+    except errors.RegistryError as exc:
+        return exc
+    return None
 
 
 def error_response(error: errors.RegistryError) -> web.Response:
@@ -61,15 +117,25 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if request.query.get("from"):
         RepositoryName.parse(request.query["from"])
     required = required_access(route, request.method, request.query.get("from"))
-    credential = await node.access.authorize(request, required)
-    if credential is not None:
-        request[handlers.UPSTREAM_AUTHORIZATION] = credential
+    client_header = await node.access.authorize(request, required)
+    request[handlers.UPSTREAM_CREDENTIAL] = upstream_credential(client_header)
     if request.method not in routes.READ_METHODS[route.name]:
         return await writes.forward(request, route)
     if route.name == "base":
         return await handlers.base(request)
     _check_namespace(request)
     return await handlers.HANDLERS[route.name](request, route.params)
+
+
+def upstream_credential(client_header: str | None) -> Credential:
+    """Whose credentials a request's upstream calls carry (README, Auth).
+
+    The access controller returns the client's `Authorization` header when
+    upstream judges the client itself (forward mode; token mode when upstream
+    trusts the same token service); otherwise (no auth, htpasswd, tokens
+    upstream does not trust) the node fetches with its own account.
+    """
+    return Credential.client(client_header) if client_header else Credential.node()
 
 
 def _check_namespace(request: web.Request) -> None:

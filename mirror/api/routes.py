@@ -24,6 +24,8 @@ _ROUTES = (
     ("blob", re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)")),
 )
 
+_ENCODED_SLASH = re.compile(r"%(2[fF])")
+
 #: Methods each route serves on the read API; anything else is UNSUPPORTED.
 READ_METHODS = {"base": {"GET", "HEAD"}, "catalog": {"GET", "HEAD"}, "tags": {"GET", "HEAD"},
                 "manifest": {"GET", "HEAD"}, "blob": {"GET", "HEAD"}, "upload": set()}
@@ -42,6 +44,9 @@ def match(path: str) -> Route:
 
     Matching the raw path keeps an encoded `%2F` inside one parameter; each
     parameter is decoded only after the route is known, and validated later.
+    In a name, `%2F` is never decoded into a separator (it stays the text
+    `%2F`, which the name grammar refuses: NAME_INVALID), so one repository
+    cannot be reached under a spelling the access checks did not see.
 
     Raises:
         RegistryError: no v2 route has this shape (404).
@@ -53,5 +58,11 @@ def match(path: str) -> Route:
         for name, pattern in _ROUTES:
             found = pattern.fullmatch(tail)
             if found is not None:
-                return Route(name, {k: unquote(v, errors="replace") for k, v in found.groupdict().items()})
+                return Route(name, {k: _decode(k, v) for k, v in found.groupdict().items()})
     raise errors.NameUnknown("no such registry route", status=404)
+
+
+def _decode(param: str, raw: str) -> str:
+    if param == "name":
+        raw = _ENCODED_SLASH.sub(r"%25\1", raw)  # decodes to the text "%2F", not to "/"
+    return unquote(raw, errors="replace")

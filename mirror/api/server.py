@@ -61,6 +61,16 @@ class HeaderTimeoutHandler(RequestHandler):
         self._disarm()
         super().connection_lost(exc)
 
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request the HTTP parser refused gets the spec's JSON error, not plain text."""
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        from mirror.api.middleware import parser_refusal  # the one error mapping, at the route layer
+
+        log.info("refused a malformed request from %s: %s", request.remote, str(exc).split("\n", 1)[0])
+        return parser_refusal(status, exc)
+
     def _waiting_for_request(self) -> bool:
         return not self._messages and self._waiter is not None and not self._waiter.done()
 

@@ -24,6 +24,7 @@ import httpx
 from aiohttp import web
 
 from mirror import errors
+from mirror.api.bodies import read_capped
 from mirror.api.external import external_base
 from mirror.api.handlers import NODE
 from mirror.api.routes import Route
@@ -184,11 +185,10 @@ async def _forget(node: Node, repo: str, route: Route) -> None:
 
 async def _put_manifest(request: web.Request, node: Node, repo: str, route: Route, path_qs: str,
                         headers: dict[str, str]) -> web.StreamResponse:
-    """A manifest push: small, so read whole (capped), relayed, then cached."""
+    """A manifest push: small, so read whole (capped, 413 beyond), relayed, then cached."""
     cap = node.settings.mirror.manifest_max_size
-    raw = await request.content.read(cap + 1)
-    if len(raw) > cap:
-        raise errors.ManifestInvalid(f"manifest larger than {cap} bytes")
+    raw = await read_capped(request, cap, lambda: errors.ManifestInvalid(
+        f"manifest larger than {cap} bytes (mirror.manifest_max_size)", status=413))
     async with node.upstream.forward("PUT", path_qs, headers, raw) as upstream:
         if upstream.status_code == 201:
             await asyncio.shield(_keep_manifest(node, repo, route, raw, request.headers.get("Content-Type"),

@@ -30,6 +30,7 @@ from mirror.auth.controller import deny
 from mirror.proxy.singleflight import SingleFlight
 from mirror.upstream.auth import Challenge
 from mirror.upstream.client import Upstream
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ForwardAccess:
             raise errors.TooManyRequests("token verifications are rate-limited", headers={"Retry-After": "1"})
         self.heads += 1
         try:
-            status = await self.upstream.probe(path, authorization)
+            status = await self.upstream.probe(path, Credential.client(authorization or ""))
         except errors.Unavailable:
             log.warning("cannot verify a token: upstream unreachable; denying")
             return False

@@ -43,6 +43,7 @@ from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest, is_digest
 from mirror.registry.reference import RepositoryName, Tag
 from mirror.upstream.budget import background
+from mirror.upstream.credential import Credential
 
 if TYPE_CHECKING:
     from mirror.node import Node
@@ -391,9 +392,9 @@ class Warmer:
 
     async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
         if digest is not None:
-            return await self.node.manifests.by_digest(repo, digest)
+            return await self.node.manifests.by_digest(repo, digest, Credential.node())
         assert tag is not None
-        return await self.node.manifests.by_tag(repo, tag)
+        return await self.node.manifests.by_tag(repo, tag, Credential.node())
 
     async def expand(self, repo: str, top: ManifestResult, platforms: list[manifests.Platform] | None
                      ) -> tuple[list[Digest], list[manifests.Manifest]]:
@@ -410,7 +411,7 @@ class Warmer:
             if platforms is not None and not any(
                     child.platform is not None and p.matches(child.platform) for p in platforms):
                 continue
-            result = await self.node.manifests.by_digest(repo, child.digest)
+            result = await self.node.manifests.by_digest(repo, child.digest, Credential.node())
             listed.append(result.digest)
             child_manifest = manifests.parse(result.raw, result.media_type)
             if not child_manifest.is_index:
@@ -442,10 +443,10 @@ class Warmer:
         if record is not None:
             size = await asyncio.get_running_loop().run_in_executor(node.executor, node.store.size, digest)
             if size == record.size:
-                await node.blobs.ensure_linked(repo, digest)
+                await node.blobs.ensure_linked(repo, digest, Credential.node())
                 return True, 0
         joined = node.fetcher.get(digest) is not None  # a client's (or another job's) download
-        fetch = node.fetcher.start(repo, digest)
+        fetch = node.fetcher.start(repo, digest, Credential.node())
         if job is not None:
             job.active[digest] = fetch
         try:
@@ -458,7 +459,7 @@ class Warmer:
         if fetch.relay is not None:  # relayed to its readers uncached (quota, disk full)
             raise errors.Unavailable("the blob could not be cached (store quota or disk full)")
         if fetch.repo != repo:
-            await node.blobs.ensure_linked(repo, digest)
+            await node.blobs.ensure_linked(repo, digest, Credential.node())
         return False, 0 if joined else fetch.written
 
     # -- refresh (notifications, keep-fresh) ----------------------------------------
@@ -484,7 +485,7 @@ class Warmer:
         if record is None or record.media_type is None:
             return None
         try:
-            old = await self.node.manifests.by_digest(repo, digest)
+            old = await self.node.manifests.by_digest(repo, digest, Credential.node())
             parsed = manifests.parse(old.raw, old.media_type)
         except (errors.RegistryError, ValueError):
             return None
@@ -520,7 +521,7 @@ class Warmer:
         delay = 0.1
         while True:
             try:
-                head = await node.upstream.head_manifest(repo, tag)
+                head = await node.upstream.head_manifest(repo, tag, Credential.node())
             except NOT_FOUND:  # a new tag may not be there yet either
                 head = None
             settled = head is not None and (expect is None or head.digest == expect
@@ -540,7 +541,7 @@ class Warmer:
             await node.manifests.set_tag(repo, tag, digest, record.media_type)
             return {"digest": str(digest), "previous": str(previous), "changed": False}
         platforms = await self.warmed_platforms(repo, previous)
-        result = await node.manifests.by_digest(repo, digest)
+        result = await node.manifests.by_digest(repo, digest, Credential.node())
         job = await self.warm_digest(repo, digest, platforms, blobs=warm)
         if job.errors:
             log.warning("prefetch of %s@%s: %s", repo, digest, job.errors)

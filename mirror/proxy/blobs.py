@@ -15,6 +15,7 @@ from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
 from mirror.upstream.client import Upstream
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,22 @@ class Blobs:
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def open(self, repo: str, digest: Digest, authorization: str | None = None) -> BlobSource:
+    async def open(self, repo: str, digest: Digest, credential: Credential) -> BlobSource:
         """Open a blob for a GET: stored, joined in flight, or fetched now.
 
         Raises:
             BlobUnknown: upstream does not have it in `repo`.
             RegistryError: upstream failures, mapped.
         """
-        local = await self._open_local(repo, digest, authorization)
+        local = await self._open_local(repo, digest, credential)
         if local is not None:
             return local
         fetch = self.fetcher.get(digest)
         if fetch is not None and fetch.repo != repo:
-            await self.ensure_linked(repo, digest, authorization)
+            await self.ensure_linked(repo, digest, credential)
         self.negative.check(("blob", repo, digest))
         cache = "coalesced" if fetch is not None else "miss"
-        fetch = self.fetcher.start(repo, digest, authorization)  # joins (and offers the token)
+        fetch = self.fetcher.start(repo, digest, credential)  # joins (and offers the token)
         try:
             size = await fetch.started()
         except NOT_FOUND as exc:
@@ -74,10 +75,10 @@ class Blobs:
             raise
         return BlobSource(digest, size, fetch=fetch, cache=cache)
 
-    async def stat(self, repo: str, digest: Digest, authorization: str | None = None) -> BlobSource:
+    async def stat(self, repo: str, digest: Digest, credential: Credential) -> BlobSource:
         """Size of a blob for a HEAD, without starting a download."""
         record = await self.metadata.get_object(digest)
-        if record is not None and await self.ensure_linked(repo, digest, authorization):
+        if record is not None and await self.ensure_linked(repo, digest, credential):
             size = await self._io(self.store.size, digest)
             if size == record.size:
                 return BlobSource(digest, size)
@@ -86,18 +87,18 @@ class Blobs:
             return BlobSource(digest, await fetch.started(), cache="coalesced")
         self.negative.check(("blob", repo, digest))
         try:
-            size = await self.upstream.head_blob(repo, digest, authorization)
+            size = await self.upstream.head_blob(repo, digest, credential)
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise
         return BlobSource(digest, size, cache="miss")
 
-    async def _open_local(self, repo: str, digest: Digest, authorization: str | None) -> BlobSource | None:
+    async def _open_local(self, repo: str, digest: Digest, credential: Credential) -> BlobSource | None:
         record = await self.metadata.get_object(digest)
         size = record.size if record else await self._io(self.store.size, digest)
         if size is None:
             return None
-        await self.ensure_linked(repo, digest, authorization)
+        await self.ensure_linked(repo, digest, credential)
         opened = await self._io(self.store.open_object, digest, size)
         if opened is None:
             await self.metadata.forget_object(digest)
@@ -107,7 +108,7 @@ class Blobs:
         self.metadata.touch(digest)
         return BlobSource(digest, opened[1], fd=opened[0])
 
-    async def ensure_linked(self, repo: str, digest: Digest, authorization: str | None = None) -> bool:
+    async def ensure_linked(self, repo: str, digest: Digest, credential: Credential) -> bool:
         """Make sure `repo` may serve `digest`: linked, or confirmed upstream.
 
         Raises:
@@ -117,7 +118,7 @@ class Blobs:
             return True
         self.negative.check(("blob", repo, digest))
         try:
-            await self.upstream.head_blob(repo, digest, authorization)
+            await self.upstream.head_blob(repo, digest, credential)
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise

@@ -33,6 +33,7 @@ from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.quota import Quota, RelayBuffer
 from mirror.upstream import budget
 from mirror.upstream.client import Upstream, retry_delay
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class BlobFetch:
         self.temp_path: str | None = None
         self.relay: RelayBuffer | None = None  # served uncached from memory (disk full, over quota)
         self.work: budget.Work | None = None  # its priority on the link; promoted when a client joins
-        self.credentials: list[str] = []  # waiting clients' tokens, to continue if one expires
+        self.credentials: list[Credential] = []  # waiting clients' tokens, to continue if one expires
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
         self.done = asyncio.Event()
@@ -71,16 +72,17 @@ class BlobFetch:
         self.done.set()
         self._notify()
 
-    def offer(self, authorization: str | None) -> None:
+    def offer(self, credential: Credential) -> None:
         """A joining client's credential, usable if the current one stops working."""
-        if authorization and authorization not in self.credentials:
-            self.credentials.append(authorization)
+        if credential.is_client and credential not in self.credentials:
+            self.credentials.append(credential)
 
-    def next_credential(self, failed: str | None) -> str | None:
+    def next_credential(self, failed: Credential) -> Credential | None:
         """The credential to continue with after `failed` was refused.
 
-        Another waiting client's token first; finally None, the node's own
-        credentials (or anonymous access).
+        Another waiting client's token, else None: the fetch fails. Never the
+        node's own account: a client refused upstream must not be served
+        with the node's rights.
         """
         if failed in self.credentials:
             self.credentials.remove(failed)
@@ -150,21 +152,21 @@ class Fetcher:
             budget.promote(fetch.work)
         return fetch
 
-    def start(self, repo: str, digest: Digest, authorization: str | None = None) -> BlobFetch:
+    def start(self, repo: str, digest: Digest, credential: Credential) -> BlobFetch:
         """Join the fetch of `digest`, starting one (through `repo`) if needed."""
         fetch = self.inflight.get(digest)
         if fetch is None:
             fetch = BlobFetch(digest, repo)
-            fetch.offer(authorization)
+            fetch.offer(credential)
             self.inflight[digest] = fetch
             fetch.work, context = budget.context_for_task()
-            task = asyncio.create_task(self._run(fetch, authorization), context=context)
+            task = asyncio.create_task(self._run(fetch, credential), context=context)
             fetch.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
             budget.promote(fetch.work)
-            fetch.offer(authorization)
+            fetch.offer(credential)
         return fetch
 
     async def close(self, grace: float = 5.0) -> None:
@@ -186,12 +188,12 @@ class Fetcher:
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _run(self, fetch: BlobFetch, authorization: str | None) -> None:
+    async def _run(self, fetch: BlobFetch, credential: Credential) -> None:
         writer: BlobWriter | None = None
         try:
             writer = await self._io(self.store.writer, fetch.digest, None)
             fetch.temp_path = str(writer.temp_path)
-            await self._download(fetch, writer, authorization)
+            await self._download(fetch, writer, credential)
             if fetch.relay is not None:  # served uncached: verified, nothing published
                 fetch.relay.verify(fetch.digest)
                 fetch.committed = True
@@ -229,21 +231,22 @@ class Fetcher:
             fetch.done.set()
             fetch._notify()
 
-    async def _download(self, fetch: BlobFetch, writer: BlobWriter, authorization: str | None) -> None:
+    async def _download(self, fetch: BlobFetch, writer: BlobWriter, credential: Credential) -> None:
         """Stream upstream into `writer`, resuming from the bytes it has."""
         attempt = 0
         while True:
             try:
-                await self._stream_once(fetch, writer, authorization)
+                await self._stream_once(fetch, writer, credential)
                 return
             except (errors.Unauthorized, errors.Denied):
                 # A token can expire mid-way through a long layer or a resume:
-                # go on with another waiter's token, then the node's own.
-                if authorization is None:
+                # go on with another waiter's token, never the node's own.
+                following = fetch.next_credential(credential) if credential.is_client else None
+                if following is None:
                     raise
-                authorization = fetch.next_credential(authorization)
-                log.info("blob %s: credential refused at %d bytes; continuing with %s", fetch.digest,
-                         fetch.written, "another client's" if authorization else "the node's own")
+                credential = following
+                log.info("blob %s: credential refused at %d bytes; continuing with another client's",
+                         fetch.digest, fetch.written)
             except errors.Unavailable as exc:
                 delay = retry_delay(exc, attempt)  # upstream's Retry-After, else jittered backoff
                 if attempt >= self.retries or delay is None:
@@ -253,9 +256,9 @@ class Fetcher:
                             fetch.digest, fetch.written, delay, attempt)
                 await asyncio.sleep(delay)
 
-    async def _stream_once(self, fetch: BlobFetch, writer: BlobWriter, authorization: str | None) -> None:
+    async def _stream_once(self, fetch: BlobFetch, writer: BlobWriter, credential: Credential) -> None:
         async with self.upstream.stream_blob(fetch.repo, fetch.digest, fetch.written,
-                                             authorization) as stream:
+                                             credential) as stream:
             self._announce(fetch, writer, stream.total)
             if not fetch._started.is_set():  # before any response headers: reserve, or 503
                 if self.quota is not None:

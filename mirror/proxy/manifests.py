@@ -14,6 +14,7 @@ tag -> (digest, media type) per repository, as distribution does it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from mirror.registry.reference import Reference, Tag
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata, TagRecord
 from mirror.upstream.client import Upstream
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class Manifests:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def get(self, repo: str, reference: Reference, accepted: frozenset[str],
-                  authorization: str | None = None) -> ManifestResult:
+                  credential: Credential) -> ManifestResult:
         """The manifest to answer for this request, negotiated on `accepted`.
 
         Raises:
@@ -82,12 +84,12 @@ class Manifests:
                 (an OCI type it did not ask for).
         """
         if isinstance(reference, Tag):
-            result = await self.by_tag(repo, reference.value, authorization)
+            result = await self.by_tag(repo, reference.value, credential)
         else:
-            result = await self.by_digest(repo, reference, authorization)
+            result = await self.by_digest(repo, reference, credential)
         if (isinstance(reference, Tag) and result.media_type == mediatypes.DOCKER_MANIFEST_LIST
                 and not mediatypes.accepts(accepted, result.media_type)):
-            result = await self._platform_child(repo, result, authorization)
+            result = await self._platform_child(repo, result, credential)
         if result.media_type in mediatypes.OCI_TYPES and not mediatypes.accepts(accepted, result.media_type):
             raise errors.ManifestUnknown(
                 "OCI manifest found, but the Accept header does not support OCI manifests",
@@ -95,23 +97,41 @@ class Manifests:
         return result
 
     async def _platform_child(self, repo: str, result: ManifestResult,
-                              authorization: str | None) -> ManifestResult:
+                              credential: Credential) -> ManifestResult:
         """A manifest list for a schema2-only client: its linux/amd64 image."""
         child = manifests.parse(result.raw, result.media_type).child_for(DEFAULT_PLATFORM)
         if child is None:
             raise errors.ManifestUnknown("manifest list has no linux/amd64 image for this client")
-        return await self.by_digest(repo, child.digest, authorization)
+        return await self.by_digest(repo, child.digest, credential)
 
     # -- by digest ------------------------------------------------------------
 
-    async def by_digest(self, repo: str, digest: Digest, authorization: str | None = None) -> ManifestResult:
+    async def by_digest(self, repo: str, digest: Digest, credential: Credential) -> ManifestResult:
         """A manifest by digest: from the store if linked, else fetched once."""
         local = await self._load(repo, digest)
         if local is not None:
             return local
+        await self._refuse_a_held_blob(digest)
         self.negative.check(("manifest", repo, digest))
         return await self._flight.run(("get", repo, str(digest)),
-                                      lambda: self._fetch(repo, str(digest), authorization))
+                                      lambda: self._fetch(repo, str(digest), credential))
+
+    async def _refuse_a_held_blob(self, digest: Digest) -> None:
+        """A digest stored here as a blob (a layer, a config) is no manifest.
+
+        distribution answers a blob's digest on the manifests route with a
+        500, which would reach the client as a 503 after retries; the bytes
+        here already say it is not a manifest.
+
+        Raises:
+            ManifestUnknown: `digest` is a blob this node holds.
+        """
+        record = await self.metadata.get_object(digest)
+        if record is None or record.media_type is not None:
+            return
+        raw = await self._io(self.store.read, digest, record.size) if record.size <= self.max_size else None
+        if not _may_be_manifest(raw):  # else (adopted at start-up, pushed as a blob too): ask upstream
+            raise errors.ManifestUnknown(detail={"digest": str(digest)})
 
     async def _load(self, repo: str, digest: Digest, *, linked_only: bool = True) -> ManifestResult | None:
         """Read a stored manifest, re-hashing it on every read (bit rot)."""
@@ -132,10 +152,10 @@ class Manifests:
         self.metadata.touch(digest)
         return ManifestResult(raw, record.media_type, digest)
 
-    async def _fetch(self, repo: str, reference: str, authorization: str | None) -> ManifestResult:
+    async def _fetch(self, repo: str, reference: str, credential: Credential) -> ManifestResult:
         """GET from upstream, store, link; 404s remembered briefly."""
         try:
-            fetched = await self.upstream.get_manifest(repo, reference, self.max_size, authorization)
+            fetched = await self.upstream.get_manifest(repo, reference, self.max_size, credential)
         except NOT_FOUND as exc:
             key = ("manifest", repo, Digest.parse(reference)) if ":" in reference else ("tag", repo, reference)
             self.negative.remember(key, exc)
@@ -152,37 +172,37 @@ class Manifests:
 
     # -- by tag -------------------------------------------------------------
 
-    async def by_tag(self, repo: str, tag: str, authorization: str | None = None) -> ManifestResult:
+    async def by_tag(self, repo: str, tag: str, credential: Credential) -> ManifestResult:
         """A manifest by tag, fresh within the TTL, revalidated after it."""
         record = await self.metadata.get_tag(repo, tag)
         if record is None:
             self.negative.check(("tag", repo, tag))
-            result = await self._flight.run(("tag", repo, tag), lambda: self._fetch_tag(repo, tag, authorization))
+            result = await self._flight.run(("tag", repo, tag), lambda: self._fetch_tag(repo, tag, credential))
             return result
         cache = "hit"
         if time.time() - record.fetched_at >= self.tag_ttl:
-            record, cache = await self._revalidated(repo, tag, record, authorization)
+            record, cache = await self._revalidated(repo, tag, record, credential)
         result = await self._load(repo, record.digest)
         if result is None:  # evicted or corrupt: refetch by the immutable digest
-            result = await self.by_digest(repo, record.digest, authorization)
+            result = await self.by_digest(repo, record.digest, credential)
             cache = result.cache
         return ManifestResult(result.raw, result.media_type, result.digest, cache=cache,
                               fetched_at=record.fetched_at)
 
-    async def _fetch_tag(self, repo: str, tag: str, authorization: str | None) -> ManifestResult:
-        result = await self._fetch(repo, tag, authorization)
+    async def _fetch_tag(self, repo: str, tag: str, credential: Credential) -> ManifestResult:
+        result = await self._fetch(repo, tag, credential)
         confirmed = time.time() - result.age
         await self.metadata.put_tag(repo, tag, TagRecord(result.digest, result.media_type, confirmed))
         return ManifestResult(result.raw, result.media_type, result.digest, cache="miss", fetched_at=confirmed)
 
     async def _revalidated(self, repo: str, tag: str, record: TagRecord,
-                           authorization: str | None) -> tuple[TagRecord, str]:
+                           credential: Credential) -> tuple[TagRecord, str]:
         """The tag after one coalesced revalidation, or stale when allowed.
 
         Returns:
             The record to serve, and the cache outcome (`revalidated`/`stale`).
         """
-        work = self._flight.run(("head", repo, tag), lambda: self._revalidate(repo, tag, record, authorization))
+        work = self._flight.run(("head", repo, tag), lambda: self._revalidate(repo, tag, record, credential))
         try:
             return await asyncio.wait_for(work, STALE_WAIT), "revalidated"
         except REVOKED:
@@ -197,11 +217,11 @@ class Manifests:
             return record, "stale"
 
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,
-                          authorization: str | None) -> TagRecord:
-        head = await self.upstream.head_manifest(repo, tag, authorization)
+                          credential: Credential) -> TagRecord:
+        head = await self.upstream.head_manifest(repo, tag, credential)
         confirmed = time.time() - head.age
         if head.digest != record.digest:
-            fetched = await self.by_digest(repo, head.digest, authorization)
+            fetched = await self.by_digest(repo, head.digest, credential)
             record = TagRecord(fetched.digest, fetched.media_type, confirmed)
         else:
             record = TagRecord(record.digest, record.media_type, confirmed)
@@ -213,3 +233,10 @@ class Manifests:
         await self.metadata.put_tag(repo, tag, TagRecord(digest, media_type, time.time()))
         self.negative.forget(("tag", repo, tag))
 
+
+def _may_be_manifest(raw: bytes | None) -> bool:
+    """True for a JSON object with `schemaVersion` 2, which every manifest and index has."""
+    try:
+        return raw is not None and json.loads(raw).get("schemaVersion") == 2
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return False

@@ -10,6 +10,7 @@ from mirror.proxy.manifests import REVOKED, TRANSIENT
 from mirror.proxy.singleflight import SingleFlight
 from mirror.storage.metadata import Metadata
 from mirror.upstream.client import Upstream
+from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class TagLists:
         self.tag_ttl = tag_ttl
         self._flight: SingleFlight[list[str]] = SingleFlight()
 
-    async def list(self, repo: str, authorization: str | None = None) -> list[str]:
+    async def list(self, repo: str, credential: Credential) -> list[str]:
         """Every tag of `repo`, sorted as distribution sorts them.
 
         Raises:
@@ -34,7 +35,7 @@ class TagLists:
         if cached is not None and time.time() - cached[1] < self.tag_ttl:
             return cached[0]
         try:
-            tags = await self._flight.run(repo, lambda: self._fetch(repo, authorization))
+            tags = await self._flight.run(repo, lambda: self._fetch(repo, credential))
         except TRANSIENT:
             if cached is None:
                 raise
@@ -44,8 +45,8 @@ class TagLists:
             raise
         return tags
 
-    async def _fetch(self, repo: str, authorization: str | None) -> list[str]:
-        tags = sorted(set(await self.upstream.list_tags(repo, authorization)))
+    async def _fetch(self, repo: str, credential: Credential) -> list[str]:
+        tags = sorted(set(await self.upstream.list_tags(repo, credential)))
         await self.metadata.put_tag_list(repo, tags)
         return tags
 

@@ -29,6 +29,7 @@ from mirror.registry.digest import Digest
 from mirror.registry.mediatypes import UPSTREAM_ACCEPT
 from mirror.upstream.auth import Challenge, RegistryAuth
 from mirror.upstream.budget import Budget, BudgetTransport
+from mirror.upstream.credential import Credential
 from mirror.upstream.tls import verify_setting
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Upstream:
             keepalive_expiry=getattr(settings, "keepalive_expiry", 60.0),
         )
         self.auth = RegistryAuth(username, password, self.host)
+        self.anonymous_auth = RegistryAuth(None, None, self.host)  # Credential.anonymous(): its own token cache
         self._challenge: Challenge | None = None
         self._challenge_known = False
         self.metrics: Metrics | None = None
@@ -193,33 +195,34 @@ class Upstream:
             self._challenge_known = True
         return self._challenge
 
-    async def probe(self, path_qs: str, authorization: str | None) -> int:
-        """HEAD `path_qs` upstream with a client's credential; the status code.
+    async def probe(self, path_qs: str, credential: Credential) -> int:
+        """HEAD `path_qs` upstream with `credential` (a client's); the status code.
 
         Raises:
             RegistryError: UNAVAILABLE when upstream cannot be reached.
         """
         async with _mapped():
-            response = await self._client.head(f"{self.base_url}{path_qs}", auth=None,
-                                               headers=_headers(authorization, Accept=UPSTREAM_ACCEPT))
+            response = await self._client.head(f"{self.base_url}{path_qs}", auth=self._auth(credential),
+                                               headers=_headers(credential, Accept=UPSTREAM_ACCEPT))
         return response.status_code
 
     async def get_manifest(self, repo: str, reference: str, max_size: int,
-                           authorization: str | None = None) -> UpstreamManifest:
+                           credential: Credential) -> UpstreamManifest:
         """GET a manifest with every media type accepted; verify its digest.
 
         Raises:
             RegistryError: upstream's answer mapped (MANIFEST_UNKNOWN, ...);
-                MANIFEST_INVALID when it is too big, not a manifest, or its
-                bytes do not match the digest named by reference or header.
+                MANIFEST_INVALID when it is too big or not a manifest; 502
+                MANIFEST_INVALID when its bytes do not match the digest named
+                by reference or header (upstream's fault, not the client's).
         """
-        return await self._retrying(lambda: self._get_manifest(repo, reference, max_size, authorization))
+        return await self._retrying(lambda: self._get_manifest(repo, reference, max_size, credential))
 
     async def _get_manifest(self, repo: str, reference: str, max_size: int,
-                            authorization: str | None) -> UpstreamManifest:
-        headers = _headers(authorization, Accept=UPSTREAM_ACCEPT)
+                            credential: Credential) -> UpstreamManifest:
+        headers = _headers(credential, Accept=UPSTREAM_ACCEPT)
         async with _mapped(), self._client.stream("GET", self.url(repo, "manifests", reference),
-                                                  headers=headers) as response:
+                                                  headers=headers, auth=self._auth(credential)) as response:
             await raise_for_status(response, errors.ManifestUnknown)
             _refuse_non_manifest(response, max_size)
             raw = await _read_capped(response, max_size)
@@ -227,13 +230,13 @@ class Upstream:
         digest = _verified_digest(raw, reference, response.headers.get("docker-content-digest"))
         return UpstreamManifest(raw, media_type, digest, response_age(response.headers))
 
-    async def head_manifest(self, repo: str, reference: str,
-                            authorization: str | None = None) -> ManifestHead:
+    async def head_manifest(self, repo: str, reference: str, credential: Credential) -> ManifestHead:
         """HEAD a manifest: digest and type without the body (free on Docker Hub)."""
         async def head() -> ManifestHead:
             async with _mapped():
                 response = await self._client.head(self.url(repo, "manifests", reference),
-                                                   headers=_headers(authorization, Accept=UPSTREAM_ACCEPT))
+                                                   headers=_headers(credential, Accept=UPSTREAM_ACCEPT),
+                                                   auth=self._auth(credential))
             await raise_for_status(response, errors.ManifestUnknown)
             digest_header = response.headers.get("docker-content-digest")
             if not digest_header:
@@ -243,30 +246,30 @@ class Upstream:
                                 int(response.headers.get("content-length", 0)), response_age(response.headers))
         return await self._retrying(head)
 
-    async def head_blob(self, repo: str, digest: Digest, authorization: str | None = None) -> int | None:
+    async def head_blob(self, repo: str, digest: Digest, credential: Credential) -> int | None:
         """HEAD a blob in `repo`: its size, confirming upstream has it there."""
         async def head() -> int | None:
             async with _mapped():
                 response = await self._client.head(self.url(repo, "blobs", str(digest)),
-                                                   headers=_headers(authorization))
+                                                   headers=_headers(credential), auth=self._auth(credential))
             await raise_for_status(response, errors.BlobUnknown)
             length = response.headers.get("content-length")
             return int(length) if length and length.isdigit() else None
         return await self._retrying(head)
 
     @asynccontextmanager
-    async def stream_blob(self, repo: str, digest: Digest, offset: int = 0,
-                          authorization: str | None = None) -> AsyncIterator[BlobStream]:
+    async def stream_blob(self, repo: str, digest: Digest, offset: int,
+                          credential: Credential) -> AsyncIterator[BlobStream]:
         """Open a blob GET (from `offset` with a Range) and yield its stream.
 
         Raises:
             RegistryError: upstream refused; BLOB_UNKNOWN on 404.
         """
-        headers = _headers(authorization)
+        headers = _headers(credential)
         if offset:
             headers["Range"] = f"bytes={offset}-"
         async with _mapped(), self._client.stream("GET", self.url(repo, "blobs", str(digest)),
-                                                  headers=headers) as response:
+                                                  headers=headers, auth=self._auth(credential)) as response:
             await raise_for_status(response, errors.BlobUnknown)
             yield _blob_stream(response, offset)
 
@@ -290,19 +293,20 @@ class Upstream:
         finally:
             await response.aclose()
 
-    async def list_tags(self, repo: str, authorization: str | None = None) -> list[str]:
+    async def list_tags(self, repo: str, credential: Credential) -> list[str]:
         """Every tag of `repo`, following upstream's pagination `Link`s."""
         tags: list[str] = []
         url: str | None = f"{self.base_url}/v2/{repo}/tags/list"
         for _ in range(100):
             if url is None:
                 break
-            page, url = await self._retrying(lambda u=url: self._tags_page(u, authorization))  # type: ignore[misc]
+            page, url = await self._retrying(lambda u=url: self._tags_page(u, credential))  # type: ignore[misc]
             tags.extend(page)
         return tags
 
-    async def _tags_page(self, url: str, authorization: str | None) -> tuple[list[str], str | None]:
-        async with _mapped(), self._client.stream("GET", url, headers=_headers(authorization)) as response:
+    async def _tags_page(self, url: str, credential: Credential) -> tuple[list[str], str | None]:
+        async with _mapped(), self._client.stream("GET", url, headers=_headers(credential),
+                                                  auth=self._auth(credential)) as response:
             await raise_for_status(response, errors.NameUnknown)
             body = await _read_capped(response, MAX_TAG_LIST_BODY)
         try:
@@ -312,6 +316,12 @@ class Upstream:
         next_url = response.links.get("next", {}).get("url")
         return [t for t in page if isinstance(t, str)], (
             str(httpx.URL(url).join(next_url)) if next_url else None)
+
+    def _auth(self, credential: Credential) -> httpx.Auth | None:
+        """The auth flow for `credential`: never the node's account for a client's token."""
+        if credential.kind == "node":
+            return self.auth
+        return self.anonymous_auth if credential.kind == "anonymous" else None
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry idempotent calls on UNAVAILABLE and 429, with jittered backoff."""
@@ -336,10 +346,10 @@ def retry_delay(exc: errors.RegistryError, attempt: int) -> float | None:
     return min(0.2 * 2**attempt, 5.0) * (0.5 + random.random())
 
 
-def _headers(authorization: str | None, **extra: str) -> dict[str, str]:
+def _headers(credential: Credential, **extra: str) -> dict[str, str]:
     headers = dict(extra)
-    if authorization:
-        headers["Authorization"] = authorization
+    if credential.header is not None:  # a client's own header, sent as it is
+        headers["Authorization"] = credential.header
     return headers
 
 
@@ -377,8 +387,8 @@ def _verified_digest(raw: bytes, reference: str, header: str | None) -> Digest:
         if named:
             expected = Digest.parse(named)
             if Digest.of(raw, expected.algorithm) != expected:
-                raise errors.ManifestInvalid("upstream manifest does not match its digest",
-                                             detail={"digest": named})
+                raise errors.UpstreamManifestInvalid("upstream manifest does not match its digest",
+                                                     detail={"digest": named})
     return Digest.of(raw)
 
 
