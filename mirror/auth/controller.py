@@ -10,11 +10,13 @@ Controllers raise :class:`mirror.errors.Unauthorized` carrying the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from mirror.auth.keys import TrustedKeys
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOKEN_PATH = "/token"
 UPSTREAM_RECHECK = 30.0  # seconds between attempts to learn upstream's token service
@@ -145,7 +148,7 @@ class TokenAccess:
         error = None
         if raw:
             try:
-                claims = self.verifier.verify(raw)
+                claims = self.verifier.cached(raw) or await verify_off_loop(self.verifier.verify, raw)
             except Exception as exc:  # noqa: BLE001 - InvalidToken; anything else is invalid too
                 reason = getattr(exc, "reason", str(exc))
                 error, claims = "invalid_token", None
@@ -157,6 +160,24 @@ class TokenAccess:
         realm = self.realm(request)
         raise deny(auth_access.Unauthorized(error, error or "no token",
                                             challenge(realm, self.token.service, required, error)), required)
+
+
+_verify_pool: ThreadPoolExecutor | None = None
+VERIFY_THREADS = 2
+
+
+async def verify_off_loop(verify: Callable[[str], T], raw: str) -> T:
+    """Run a token verification in a small pool of its own, off the event loop.
+
+    Signature checks are CPU work; on the loop, a burst of hostile tokens
+    would stall every pull. Its own pool (not the default executor, which
+    file I/O uses) keeps such a burst from delaying anything but other
+    token checks; valid tokens are then cached per hash.
+    """
+    global _verify_pool
+    if _verify_pool is None:
+        _verify_pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="token-verify")
+    return await asyncio.get_running_loop().run_in_executor(_verify_pool, verify, raw)
 
 
 class HtpasswdAccess:

@@ -1,0 +1,163 @@
+"""Auth hardening (issue 10): bounded token checks, no lock-out, nothing fails open,
+scoped secrets, reload that never kills.
+
+Against the real parts: distribution 2.8 upstream (with token auth and the
+token service stand-in where auth is tested), real sockets, real TLS, real
+signals to a real `mirror serve` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from mirror.auth import keys as auth_keys
+from mirror.auth.keys import MAX_SIGNATURE_CHECKS, ChainError, load_trusted_keys, verify_chain
+from tests.support import images
+from tests.support.authenv import bearer, node_config, pull_access, token_block
+from tests.support.images import DOCKER_SCHEMA2
+from tests.support.token_issuer import make_ca, make_cert, mint, new_key
+
+CASES = {
+    "H-AUTH-02": "a token whose x5c holds eight self-signed CA certificates sharing one key and "
+                 "subject (and a mesh of eight distinct keys): at most MAX_SIGNATURE_CHECKS "
+                 "signature checks, 401 each, off the event loop; a legitimate pull alongside "
+                 "completes",
+}
+
+REALM = "https://auth.example.test/token"
+ACCEPT = {"Accept": DOCKER_SCHEMA2}
+
+
+def repo_name(prefix: str = "hard") -> str:
+    return f"{prefix}/app-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    d = tmp_path_factory.mktemp("pki")
+    return SimpleNamespace(ca=make_ca(d, name="central"), dir=d)
+
+
+# --------------------------------------------------------------------------- H-AUTH-02
+
+
+def _x5c(certs: list[Any]) -> list[str]:
+    return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in certs]
+
+
+def same_key_tangle(count: int = 8) -> tuple[Any, list[Any]]:
+    """`count` self-signed CA certificates with one key and one subject: each looks
+    like the issuer of every other."""
+    key = new_key("ec256")
+    return key, [make_cert(key, "tangle", ca=True) for _ in range(count)]
+
+
+def key_mesh(count: int = 8) -> tuple[Any, list[Any]]:
+    """`count` CA certificates with distinct keys and one subject, each signed by the
+    next one's key: every pair needs a real signature check to be told apart."""
+    keys = [new_key("ec256") for _ in range(count)]
+    anchors = [make_cert(k, "mesh", ca=True) for k in keys]
+    certs = [make_cert(keys[i], "mesh", keys[(i + 1) % count], anchors[(i + 1) % count], ca=True)
+             for i in range(count)]
+    return keys[0], certs
+
+
+@pytest.mark.parametrize("build", [same_key_tangle, key_mesh], ids=["same-key", "mesh"])
+def test_hostile_chain_costs_a_bounded_number_of_signature_checks(pki, build, monkeypatch) -> None:
+    """H-AUTH-02: the chain search is bounded by a count, not by the machine's speed."""
+    checks = 0
+    real = auth_keys._issued_by
+
+    def counting(child: Any, parent: Any, below: int) -> bool:
+        nonlocal checks
+        checks += 1
+        return real(child, parent, below)
+
+    monkeypatch.setattr(auth_keys, "_issued_by", counting)
+    trusted = load_trusted_keys(pki.ca.cert_path)
+    _key, chain = build()
+    from datetime import UTC, datetime
+
+    with pytest.raises(ChainError):
+        verify_chain(chain, trusted, datetime.now(UTC))
+    assert checks <= MAX_SIGNATURE_CHECKS
+    # a legitimate chain still verifies with the budget in place
+    deep = make_ca(pki.dir, depth=2, name="deep")
+    deep_keys = load_trusted_keys(deep.cert_path)
+    assert verify_chain(list(deep.chain), deep_keys, datetime.now(UTC)) is not None
+
+
+def hostile_token(repo: str) -> str:
+    key, chain = same_key_tangle()
+    token = mint(key, chain, access=pull_access(repo))
+    assert len(token) < 8192  # under the size cap: it reaches the chain search
+    return token
+
+
+@pytest.fixture
+async def token_node(make_mirror: Any, relay: Any, pki: SimpleNamespace, tmp_path: Path) -> Any:
+    auth = {"token": token_block(pki.ca.cert_path, REALM)}
+    return await make_mirror(relay.url, config=node_config(tmp_path, relay.url, auth=auth))
+
+
+async def test_hostile_x5c_tokens_are_refused_while_a_pull_proceeds(
+        token_node, upstream, upstream_client, pki) -> None:
+    """H-AUTH-02: three hostile requests in flight at all times; a pull alongside completes."""
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1",
+                                    layers=(256 * 1024, 256 * 1024, 256 * 1024))
+    hostile = [hostile_token(image.repo) for _ in range(6)]
+    good = pki.ca.mint(access=pull_access(image.repo))
+    durations: list[float] = []
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def attacker(client: httpx.AsyncClient, n: int) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            response = await client.get(f"/v2/{image.repo}/manifests/v1",
+                                        headers=bearer(hostile[n % len(hostile)]))
+            durations.append(time.monotonic() - started)
+            statuses.append(response.status_code)
+            n += 3
+
+    async def pull(client: httpx.AsyncClient) -> float:
+        await asyncio.sleep(0.2)  # the attack is under way
+        started = time.monotonic()
+        headers = {**ACCEPT, **bearer(good)}
+        manifest = await client.get(f"/v2/{image.repo}/manifests/v1", headers=headers)
+        assert manifest.status_code == 200 and manifest.content == image.manifest
+        for digest, data in image.blobs.items():
+            blob = await client.get(f"/v2/{image.repo}/blobs/{digest}", headers=headers)
+            assert blob.status_code == 200 and blob.content == data
+        took = time.monotonic() - started
+        stop.set()
+        return took
+
+    async with token_node.client() as client:
+        attackers = [asyncio.create_task(attacker(client, i)) for i in range(3)]
+        pull_took = await pull(client)
+        await asyncio.gather(*attackers)
+    assert statuses and set(statuses) == {401}
+    print(f"H-AUTH-02: {len(statuses)} hostile requests, slowest {max(durations):.3f}s; "
+          f"pull alongside {pull_took:.2f}s")
+    # The issue's bound is 0.5 s per hostile request (was 2.3 s, and 12-15 s for the pull);
+    # the asserted bounds are generous for a loaded 2-core machine, the count bound above is exact.
+    assert max(durations) < 2.0
+    assert pull_took < 10.0
+
+
+def test_case_table_is_complete() -> None:
+    """Every case ID of the table is named by a test of this module."""
+    source = Path(__file__).read_text()
+    for case_id in CASES:
+        assert source.count(f"{case_id}:") >= 2 or source.count(f'"{case_id}"') >= 2, case_id
