@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
+import sys
 import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import bcrypt
 import httpx
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from mirror.auth import keys as auth_keys
 from mirror.auth.keys import MAX_SIGNATURE_CHECKS, ChainError, load_trusted_keys, verify_chain
 from tests.support import images
-from tests.support.authenv import bearer, node_config, pull_access, token_block
+from tests.conftest import mirror_config
+from tests.support.authenv import basic, bearer, node_config, pull_access, token_block
+from tests.support.procs import ManagedProcess, free_port, wait_http
 from tests.support.images import DOCKER_SCHEMA2
 from tests.support.token_issuer import make_ca, make_cert, mint, new_key
 
@@ -32,6 +39,10 @@ CASES = {
                  "subject (and a mesh of eight distinct keys): at most MAX_SIGNATURE_CHECKS "
                  "signature checks, 401 each, off the event loop; a legitimate pull alongside "
                  "completes",
+    "R-RELOAD-01": "SIGHUP to a `mirror serve` without auth.token (as systemd's ExecReload "
+                   "sends it): the node logs that there is nothing to reload and keeps serving",
+    "R-RELOAD-02": "SIGHUP with auth.htpasswd: a changed file is re-read; a broken one keeps "
+                   "the old entries and the node serving",
 }
 
 REALM = "https://auth.example.test/token"
@@ -154,6 +165,75 @@ async def test_hostile_x5c_tokens_are_refused_while_a_pull_proceeds(
     # the asserted bounds are generous for a loaded 2-core machine, the count bound above is exact.
     assert max(durations) < 2.0
     assert pull_took < 10.0
+
+
+# --------------------------------------------------------------------------- R-RELOAD
+
+
+def serve(tmp_path: Path, config: dict[str, Any]) -> tuple[ManagedProcess, str]:
+    """`mirror serve` on a config, as systemd runs it; returns (process, base URL)."""
+    port = free_port()
+    config["http"]["addr"] = f"127.0.0.1:{port}"
+    path = tmp_path / f"config-{port}.yml"
+    path.write_text(yaml.safe_dump(config))
+    process = ManagedProcess([sys.executable, "-m", "mirror", "serve", str(path)],
+                             log_dir=tmp_path, name=f"mirror-{port}")
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_for_log(process: ManagedProcess, text: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in process.log_text():
+        assert process.poll() is None, f"node exited: {process.log_tail()}"
+        assert time.monotonic() < deadline, f"no {text!r} in: {process.log_tail()}"
+        time.sleep(0.05)
+
+
+async def test_sighup_without_token_auth_keeps_serving(upstream, upstream_client, tmp_path) -> None:
+    """R-RELOAD-01: `systemctl reload` no longer takes a node without auth.token down."""
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1")
+    process, url = serve(tmp_path, mirror_config(tmp_path, upstream.url))
+    with process:
+        wait_http(f"{url}/v2/", process=process, timeout=20)
+        for _ in range(2):
+            process.signal(signal.SIGHUP)
+            wait_for_log(process, "SIGHUP: nothing to reload")
+        assert process.poll() is None
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=ACCEPT) as client:
+            response = await client.get(f"/v2/{image.repo}/manifests/v1")
+        assert response.status_code == 200 and response.content == image.manifest
+        assert process.stop(timeout=15) == 0
+
+
+def _htpasswd_line(user: str, password: str) -> str:
+    return f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+
+
+async def test_sighup_rereads_htpasswd_and_survives_a_broken_file(upstream, tmp_path) -> None:
+    """R-RELOAD-02: SIGHUP reloads htpasswd; a broken file keeps the old entries."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(_htpasswd_line("alice", "alice-pw"))
+    config = mirror_config(tmp_path, upstream.url)
+    config["auth"] = {"htpasswd": {"realm": "zone", "path": str(htpasswd)}}
+    process, url = serve(tmp_path, config)
+    with process, httpx.Client(base_url=url, timeout=30) as client:
+        wait_http(f"{url}/v2/", process=process, timeout=20, expect_status=401)
+        bob = {"Authorization": basic("bob", "bob-pw")}
+        alice = {"Authorization": basic("alice", "alice-pw")}
+        assert client.get("/v2/", headers=bob).status_code == 401
+        seen = htpasswd.stat()
+        htpasswd.write_text(_htpasswd_line("bob", "bob-pw"))
+        os.utime(htpasswd, ns=(seen.st_atime_ns, seen.st_mtime_ns))  # unchanged mtime: only SIGHUP
+        process.signal(signal.SIGHUP)
+        wait_for_log(process, "htpasswd reloaded")
+        assert client.get("/v2/", headers=bob).status_code == 200
+        htpasswd.write_text("not an htpasswd line\n")
+        process.signal(signal.SIGHUP)
+        wait_for_log(process, "SIGHUP: reload failed, keeping the old state")
+        assert process.poll() is None
+        assert client.get("/v2/", headers=bob).status_code == 200
+        assert client.get("/v2/", headers=alice).status_code == 401
+        assert process.stop(timeout=15) == 0
 
 
 def test_case_table_is_complete() -> None:

@@ -190,8 +190,9 @@ class HtpasswdAccess:
         self.htpasswd = HtpasswdAuth(settings.auth.htpasswd.realm, settings.auth.htpasswd.path)
 
     def reload(self) -> None:
-        """Re-read the htpasswd file (SIGHUP)."""
+        """Re-read the htpasswd file (SIGHUP); a bad file keeps the old entries."""
         self.htpasswd.reload()
+        log.info("htpasswd reloaded")
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
         try:
@@ -201,15 +202,27 @@ class HtpasswdAccess:
         return None
 
 
-def install_reload(controller: object) -> None:
-    """Reload keys on SIGHUP, as distribution's operators expect."""
-    reload = getattr(controller, "reload", None)
-    if reload is None:
-        return
-    try:
-        import asyncio
+def install_reload(*reloadables: object) -> None:
+    """Make SIGHUP reload what is reloadable (keys, htpasswd) and be harmless otherwise.
 
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    Installed in every configuration: systemd's `ExecReload` sends SIGHUP, and
+    without a handler its default action kills the node. A reload that fails
+    is logged and the old state kept; it never stops the serving.
+    """
+    targets = [reload for reload in (getattr(r, "reload", None) for r in reloadables)
+               if callable(reload)]
+
+    def on_sighup() -> None:
+        if not targets:
+            log.info("SIGHUP: nothing to reload in this configuration")
+        for reload in targets:
+            try:
+                reload()
+            except Exception as exc:  # noqa: BLE001 - a reload never stops the serving
+                log.error("SIGHUP: reload failed, keeping the old state: %s", exc)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     except (RuntimeError, NotImplementedError, ValueError):
         log.debug("SIGHUP reload not available here")
 
