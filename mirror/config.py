@@ -39,10 +39,10 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
         high_watermark: 0.95  # eviction starts above this fraction of max_size...
         low_watermark: 0.85   # ...and runs until usage is below this one
       auth: {mode: local, token_proxy: false}   # mode: local | forward
-      admin: {token: ~}
+      admin: {token: ~, trust_loopback: true}   # the token authorizes purge, gc, prewarm...
       passthrough_writes: false
       trusted_proxies: []   # CIDRs (or single IPs) whose forwarding headers are believed
-      notify: {forward_to: []}                  # http(s) URLs
+      notify: {token: ~, forward_to: [], allow_insecure_forward: false}   # /admin/notify only
       prefetch: {rules: [], keep_fresh: 0, interval: 10m}   # rules are glob strings
       client_idle_timeout: 60s
       manifest_max_size: 4MiB
@@ -441,14 +441,22 @@ class MirrorAuthSettings:
 @dataclass(frozen=True, slots=True, repr=False)
 class AdminSettings:
     token: str | None = None  # None = admin API off; redacted in repr
+    # Without a token, loopback callers are trusted. False where "loopback" is every process of a
+    # host (hostNetwork): then the admin API answers only with the token.
+    trust_loopback: bool = True
 
     def __repr__(self) -> str:
         return _redacting_repr(self, frozenset({"token"}))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class NotifySettings:
-    forward_to: tuple[str, ...] = ()  # http(s) URLs
+    forward_to: tuple[str, ...] = ()  # https URLs (http only with allow_insecure_forward)
+    token: str | None = None  # bearer secret of /admin/notify alone, never the admin token; redacted
+    allow_insecure_forward: bool = False  # let forward_to use plain http
+
+    def __repr__(self) -> str:
+        return _redacting_repr(self, frozenset({"token"}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,8 +579,8 @@ _UPSTREAM_FIELDS = {
 }
 _CACHE_FIELDS = {"high_watermark": _fraction, "low_watermark": _fraction}
 _MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean}
-_ADMIN_FIELDS = {"token": _string}
-_NOTIFY_FIELDS = {"forward_to": _http_urls}
+_ADMIN_FIELDS = {"token": _string, "trust_loopback": _boolean}
+_NOTIFY_FIELDS = {"forward_to": _http_urls, "token": _string, "allow_insecure_forward": _boolean}
 _PREFETCH_FIELDS = {
     "rules": _strings,
     "keep_fresh": _non_negative_int,
@@ -1046,9 +1054,22 @@ def _mirror(root: _Section) -> MirrorSettings:
         cache=_cache(mirror.sub("cache")),
         auth=mirror.sub("auth").build(MirrorAuthSettings, _MIRROR_AUTH_FIELDS),
         admin=mirror.sub("admin").build(AdminSettings, _ADMIN_FIELDS),
-        notify=mirror.sub("notify").build(NotifySettings, _NOTIFY_FIELDS),
+        notify=_notify(mirror.sub("notify"), mirror.sub("admin")),
         prefetch=mirror.sub("prefetch").build(PrefetchSettings, _PREFETCH_FIELDS),
     )
+
+
+def _notify(notify: _Section, admin: _Section) -> NotifySettings:
+    """Forwarding carries the notify token and the events: https unless explicitly allowed."""
+    settings = notify.build(NotifySettings, _NOTIFY_FIELDS)
+    if not settings.allow_insecure_forward:
+        for i, url in enumerate(settings.forward_to):
+            if url.lower().startswith("http://"):
+                raise ConfigError(notify.key(f"forward_to[{i}]"), "plain http forwarding needs "
+                                  "mirror.notify.allow_insecure_forward: true (use https)")
+    if settings.token is not None and settings.token == admin.get("token", _string):
+        raise ConfigError(notify.key("token"), "must differ from mirror.admin.token")
+    return settings
 
 
 def _upstream(upstream: _Section) -> UpstreamSettings:

@@ -25,7 +25,11 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
+from aiohttp import web
+
+from mirror.api.debug import create_debug_app
 from mirror.auth import keys as auth_keys
+from mirror.config import ConfigError, load_settings
 from mirror.auth.keys import MAX_SIGNATURE_CHECKS, ChainError, load_trusted_keys, verify_chain
 from tests.support import images
 from tests.conftest import mirror_config
@@ -39,6 +43,12 @@ CASES = {
                  "subject (and a mesh of eight distinct keys): at most MAX_SIGNATURE_CHECKS "
                  "signature checks, 401 each, off the event loop; a legitimate pull alongside "
                  "completes",
+    "H-ADMIN-01": "the notify token and the admin token each open only their own routes: "
+                  "notify refuses the admin token, purge/gc/du refuse the notify token",
+    "H-ADMIN-02": "forward_to carries the notify token, never the admin token; plain http "
+                  "forward_to refused at start unless allow_insecure_forward; equal tokens refused",
+    "H-ADMIN-03": "mirror.admin.trust_loopback: false (the DaemonSet's hostNetwork): no admin "
+                  "route answers a loopback caller without the token; the DaemonSet sets it",
     "R-RELOAD-01": "SIGHUP to a `mirror serve` without auth.token (as systemd's ExecReload "
                    "sends it): the node logs that there is nothing to reload and keeps serving",
     "R-RELOAD-02": "SIGHUP with auth.htpasswd: a changed file is re-read; a broken one keeps "
@@ -167,6 +177,128 @@ async def test_hostile_x5c_tokens_are_refused_while_a_pull_proceeds(
     assert pull_took < 10.0
 
 
+# --------------------------------------------------------------------------- H-ADMIN
+
+ADMIN = "admin-secret"
+NOTIFY = "notify-secret"
+ENVELOPE = b'{"events": []}'
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
+async def admin_answers(node: Any, token: str | None) -> dict[str, int]:
+    """Status of notify, du and gc on the node's admin listener, with `token` (or none)."""
+    runner, url = await serve_app(create_debug_app(node.node))
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
+            return {
+                "notify": (await client.post("/admin/notify", content=ENVELOPE)).status_code,
+                "du": (await client.get("/admin/du")).status_code,
+                "gc": (await client.post("/admin/gc", json={})).status_code,
+            }
+    finally:
+        await runner.cleanup()
+
+
+async def test_notify_and_admin_tokens_open_only_their_own_routes(make_mirror, relay) -> None:
+    """H-ADMIN-01: a registry's notification config can never purge or gc the node."""
+    node = await make_mirror(relay.url, admin={"token": ADMIN}, notify={"token": NOTIFY})
+    with_notify = await admin_answers(node, NOTIFY)
+    with_admin = await admin_answers(node, ADMIN)
+    with_none = await admin_answers(node, None)
+    assert with_notify["notify"] == 200 and with_notify["du"] == with_notify["gc"] == 401
+    assert with_admin["notify"] == 401 and with_admin["du"] == 200
+    assert set(with_none.values()) == {401}
+
+
+async def test_forwarding_carries_the_notify_token_never_the_admin_token(make_mirror, relay,
+                                                                         tmp_path) -> None:
+    """H-ADMIN-02: what an edge zone receives authorizes notifications, nothing else."""
+    received: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        received.append(request.headers.get("Authorization"))
+        return web.json_response({})
+
+    edge = web.Application()
+    edge.router.add_post("/admin/notify", record)
+    edge_runner, edge_url = await serve_app(edge)
+    try:
+        zone = await make_mirror(relay.url, admin={"token": ADMIN}, notify={
+            "token": NOTIFY, "forward_to": [f"{edge_url}/admin/notify"],
+            "allow_insecure_forward": True})
+        runner, url = await serve_app(create_debug_app(zone.node))
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                sent = await client.post("/admin/notify", content=ENVELOPE,
+                                         headers={"Authorization": f"Bearer {NOTIFY}"})
+            assert sent.status_code == 200
+            deadline = time.monotonic() + 15
+            while not received:
+                assert time.monotonic() < deadline, "envelope not forwarded"
+                await asyncio.sleep(0.05)
+        finally:
+            await runner.cleanup()
+    finally:
+        await edge_runner.cleanup()
+    assert received == [f"Bearer {NOTIFY}"]
+
+
+@pytest.mark.parametrize(("mirror", "key"), [
+    ({"notify": {"forward_to": ["http://edge.example:5001/admin/notify"]}}, "mirror.notify.forward_to[0]"),
+    ({"notify": {"forward_to": ["https://a.example/admin/notify", "HTTP://b.example/admin/notify"]}},
+     "mirror.notify.forward_to[1]"),
+    ({"admin": {"token": "same"}, "notify": {"token": "same"}}, "mirror.notify.token"),
+])
+def test_unsafe_notify_settings_refuse_to_start(tmp_path, mirror, key) -> None:
+    """H-ADMIN-02: plain http forwarding and a shared secret are refused, naming the key."""
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"version": 0.1, "mirror": mirror}))
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, {})
+    assert str(refused.value).startswith(f"config: {key}:")
+    mirror["notify"]["allow_insecure_forward"] = True
+    path.write_text(yaml.safe_dump({"version": 0.1, "mirror": mirror}))
+    if key.startswith("mirror.notify.forward_to"):
+        assert load_settings(path, {}).mirror.notify.allow_insecure_forward is True
+
+
+async def test_untrusted_loopback_needs_the_token(make_mirror, relay) -> None:
+    """H-ADMIN-03: with trust_loopback false, loopback is nobody special."""
+    closed = await make_mirror(relay.url, admin={"trust_loopback": False})
+    assert set((await admin_answers(closed, None)).values()) == {403}
+    trusted = await make_mirror(relay.url)  # the default: loopback without a token is trusted
+    assert (await admin_answers(trusted, None))["du"] == 200
+    guarded = await make_mirror(relay.url, admin={"trust_loopback": False, "token": ADMIN})
+    assert (await admin_answers(guarded, None))["du"] == 401
+    assert (await admin_answers(guarded, ADMIN))["du"] == 200
+
+
+def test_daemonset_does_not_trust_the_hosts_loopback(tmp_path) -> None:
+    """H-ADMIN-03: the DaemonSet (hostNetwork) sets trust_loopback false and the token from a Secret."""
+    docs = [d for d in yaml.safe_load_all(
+        (Path(__file__).parent.parent / "deploy/kubernetes/daemonset.yaml").read_text()) if d]
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    path = tmp_path / "config.yml"
+    path.write_text(configmap["data"]["config.yml"])
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert load_settings(path, {}).mirror.admin.trust_loopback is False
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert "secretKeyRef" in env["REGISTRY_MIRROR_ADMIN_TOKEN"]["valueFrom"]
+    with_token = load_settings(path, {"REGISTRY_MIRROR_ADMIN_TOKEN": "s3cret"}).mirror.admin
+    assert (with_token.token, with_token.trust_loopback) == ("s3cret", False)
+
+
 # --------------------------------------------------------------------------- R-RELOAD
 
 
@@ -240,4 +372,4 @@ def test_case_table_is_complete() -> None:
     """Every case ID of the table is named by a test of this module."""
     source = Path(__file__).read_text()
     for case_id in CASES:
-        assert source.count(f"{case_id}:") >= 2 or source.count(f'"{case_id}"') >= 2, case_id
+        assert source.count(f"{case_id}:") >= 1 and source.count(case_id) >= 2, case_id

@@ -22,18 +22,35 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_PREFIX = "/admin/"
 
 
+#: The one admin route a registry's notifications call: it takes `mirror.notify.token`.
+NOTIFY_PATH = "/admin/notify"
+
+
 @web.middleware
 async def admin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer secret (`mirror.admin.token`) required; without one, loopback only."""
+    """Each secret authorizes its own routes; without one, trusted loopback only.
+
+    `mirror.notify.token` authorizes `POST /admin/notify` and nothing else (a
+    registry's notification config holds it); `mirror.admin.token` authorizes
+    every other admin route (purge, gc, prewarm...) and never notify. With
+    `mirror.admin.trust_loopback: false` (hostNetwork, where loopback is every
+    process of the host) an unset secret closes its routes.
+    """
     if request.path.startswith(ADMIN_PREFIX):
-        secret = request.app[NODE].settings.mirror.admin.token
+        settings = request.app[NODE].settings.mirror
+        if request.path == NOTIFY_PATH:
+            secret, key = settings.notify.token, "mirror.notify.token"
+        else:
+            secret, key = settings.admin.token, "mirror.admin.token"
         if secret:
             offered = request.headers.get("Authorization", "")
             if not hmac.compare_digest(offered.encode(), f"Bearer {secret}".encode()):
-                raise errors.Unauthorized("admin token required",
+                raise errors.Unauthorized(f"{key} required",
                                           headers={"WWW-Authenticate": 'Bearer realm="mirror-admin"'})
+        elif not settings.admin.trust_loopback:
+            raise errors.Denied(f"closed: {key} is not set and mirror.admin.trust_loopback is false")
         elif not _loopback(request):
-            raise errors.Denied("admin API answers only on loopback without mirror.admin.token")
+            raise errors.Denied(f"answers only on loopback without {key}")
     return await handler(request)
 
 
