@@ -424,7 +424,7 @@ def test_mirror_section(load):
           auth: {mode: forward, token_proxy: yes}
           admin: {token: s3cret}
           trusted_proxies: [10.1.2.3/8, "::1"]
-          notify: {forward_to: ["http://hooks.example.com/a"]}
+          notify: {forward_to: ["https://hooks.example.com/a"]}
           prefetch: {rules: ["library/*"], keep_fresh: 3, interval: 1h}
           client_idle_timeout: 2m
           manifest_max_size: 8MiB
@@ -445,7 +445,7 @@ def test_mirror_section(load):
         "s3cret",
     )
     assert mirror.trusted_proxies == ("10.0.0.0/8", "::1/128")
-    assert mirror.notify.forward_to == ("http://hooks.example.com/a",)
+    assert mirror.notify.forward_to == ("https://hooks.example.com/a",)
     assert (mirror.prefetch.rules, mirror.prefetch.keep_fresh, mirror.prefetch.interval) == (
         ("library/*",),
         3,
