@@ -49,6 +49,15 @@ CASES = {
                   "forward_to refused at start unless allow_insecure_forward; equal tokens refused",
     "H-ADMIN-03": "mirror.admin.trust_loopback: false (the DaemonSet's hostNetwork): no admin "
                   "route answers a loopback caller without the token; the DaemonSet sets it",
+    "H-CONF-01": "http.tls.clientcas: a TLS client without a certificate, or with one from "
+                 "another CA, is refused at the handshake; one with a certificate from the "
+                 "configured CA is served",
+    "H-CONF-02": "keys the node cannot honour whose ignoring would weaken security (ciphersuites, "
+                 "letsencrypt, auth.silly, jwksrefreshinterval, unknown keys under auth/http.tls, "
+                 "clientcas without a certificate, unverified clientauth, conflicting keys) "
+                 "refuse the start with one line naming the key",
+    "H-CONF-03": "auth.token.autoredirect sends clients to autoredirectpath on the node's external "
+                 "base; http.headers are on every response",
     "R-RELOAD-01": "SIGHUP to a `mirror serve` without auth.token (as systemd's ExecReload "
                    "sends it): the node logs that there is nothing to reload and keeps serving",
     "R-RELOAD-02": "SIGHUP with auth.htpasswd: a changed file is re-read; a broken one keeps "
@@ -297,6 +306,168 @@ def test_daemonset_does_not_trust_the_hosts_loopback(tmp_path) -> None:
     assert "secretKeyRef" in env["REGISTRY_MIRROR_ADMIN_TOKEN"]["valueFrom"]
     with_token = load_settings(path, {"REGISTRY_MIRROR_ADMIN_TOKEN": "s3cret"}).mirror.admin
     assert (with_token.token, with_token.trust_loopback) == ("s3cret", False)
+
+
+# --------------------------------------------------------------------------- H-CONF
+
+
+def _client_ca_and_cert(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A client CA and a client certificate it issued (what an mTLS deployment hands out):
+    (ca.pem, client.pem, client-key.pem)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False,
+                 key_agreement=False, encipher_only=False, decipher_only=False)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} client CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       **usage), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    client = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} host")]))
+              .issuer_name(ca_name).public_key(key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
+                                           crl_sign=False, **usage), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+              .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    paths = directory / "ca.pem", directory / "client.pem", directory / "client-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def _tls_get(port: int, server_ca: Path, client: tuple[Path, Path] | None) -> int | str:
+    """GET /v2/ over a real TLS connection: the status, or the failure's class name."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(server_ca))
+    if client is not None:
+        context.load_cert_chain(str(client[0]), str(client[1]))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            head = tls.recv(64)  # TLS 1.3 reports a refused client certificate here
+            return int(head.split()[1]) if head else "EOF"
+    except (ssl.SSLError, OSError) as exc:
+        return type(exc).__name__
+
+
+def test_client_cas_require_a_client_certificate(upstream, tmp_path) -> None:
+    """H-CONF-01: an mTLS deployment never serves a client without a certificate of its CA."""
+    from tests.support.nginx import make_tls
+
+    server = make_tls(tmp_path / "server")
+    ca, cert, key = _client_ca_and_cert(tmp_path / "clients", "zone")
+    _other_ca, other_cert, other_key = _client_ca_and_cert(tmp_path / "rogue", "rogue")
+    config = mirror_config(tmp_path, upstream.url)
+    config["http"]["tls"] = {"certificate": str(server.cert), "key": str(server.key),
+                             "clientcas": [str(ca)]}
+    process, url = serve(tmp_path, config)
+    port = int(url.rsplit(":", 1)[1])
+    with process:
+        deadline = time.monotonic() + 20
+        while (served := _tls_get(port, server.ca, (cert, key))) != 200:
+            assert process.poll() is None, process.log_tail()
+            assert time.monotonic() < deadline, served
+            time.sleep(0.1)
+        without = _tls_get(port, server.ca, None)
+        rogue = _tls_get(port, server.ca, (other_cert, other_key))
+    print(f"H-CONF-01: with the zone's certificate {served}, without {without}, rogue CA {rogue}")
+    assert served == 200
+    assert without not in (200, 401) and rogue not in (200, 401), (without, rogue)
+
+
+REFUSED = {
+    "ciphersuites": ("http: {tls: {certificate: /c.pem, key: /k.pem, "
+                     "ciphersuites: [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256]}}", "http.tls.ciphersuites"),
+    "letsencrypt": ("http: {tls: {letsencrypt: {cachefile: /le.json, email: a@b.c}}}",
+                    "http.tls.letsencrypt"),
+    "silly": ("auth: {silly: {realm: r, service: s}}", "auth.silly"),
+    "jwks-refresh": ("auth: {token: {realm: r, service: s, issuer: i, jwks: /j.json, "
+                     "jwksrefreshinterval: 1h}}", "auth.token.jwksrefreshinterval"),
+    "tls-typo": ("http: {tls: {certificate: /c.pem, key: /k.pem, clientca: [/ca.pem]}}",
+                 "http.tls.clientca"),
+    "token-typo": ("auth: {token: {realm: r, service: s, issuer: i, rootcertbundle: /r.pem, "
+                   "signingalgorithm: [RS256]}}", "auth.token.signingalgorithm"),
+    "clientcas-without-tls": ("http: {tls: {clientcas: [/ca.pem]}}", "http.tls.clientcas"),
+    "unverified-clientauth": ("http: {tls: {certificate: /c.pem, key: /k.pem, clientcas: [/ca.pem], "
+                              "clientauth: require-any-client-cert}}", "http.tls.clientauth"),
+    "autoredirect-and-relay": ("auth: {token: {realm: r, service: s, issuer: i, rootcertbundle: "
+                               "/r.pem, autoredirect: true}}\nmirror: {auth: {token_proxy: true}}",
+                               "auth.token.autoredirect"),
+    "readonly-relaying-pushes": ("storage: {maintenance: {readonly: {enabled: true}}}\n"
+                                 "mirror: {passthrough_writes: true}",
+                                 "storage.maintenance.readonly.enabled"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_keys_that_cannot_be_honoured_refuse_the_start(tmp_path, case) -> None:
+    """H-CONF-02: never silently weaker than the config reads."""
+    text, key = REFUSED[case]
+    path = tmp_path / "config.yml"
+    path.write_text(f"version: 0.1\n{text}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, {})
+    assert str(refused.value).startswith(f"config: {key}:"), str(refused.value)
+
+
+def test_a_refused_key_is_one_line_and_exit_2(tmp_path) -> None:
+    """H-CONF-02: as `mirror serve` reports it."""
+    import subprocess
+
+    path = tmp_path / "config.yml"
+    path.write_text("version: 0.1\nauth: {silly: {realm: r, service: s}}\n")
+    result = subprocess.run([sys.executable, "-m", "mirror", "serve", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "auth.silly" in lines[0] and "Traceback" not in result.stderr
+
+
+async def test_autoredirect_realm_and_configured_headers(make_mirror, relay, pki, tmp_path) -> None:
+    """H-CONF-03: what was a silent no-op is honoured."""
+    block = {**token_block(pki.ca.cert_path, REALM), "autoredirect": True}
+    config = node_config(tmp_path, relay.url, auth={"token": block})
+    config["http"]["headers"] = {"X-Content-Type-Options": ["nosniff"],
+                                 "Strict-Transport-Security": ["max-age=31536000"]}
+    node = await make_mirror(relay.url, config=config)
+    async with node.client() as client:
+        default = await client.get("/v2/")
+    assert default.status_code == 401
+    assert f'realm="http://{node.host}/auth/token"' in default.headers["WWW-Authenticate"]
+    assert default.headers["X-Content-Type-Options"] == "nosniff"
+    assert default.headers["Strict-Transport-Security"] == "max-age=31536000"
+    config["http"]["host"] = "https://zone-node.example"
+    config["auth"]["token"]["autoredirectpath"] = "/central/token"
+    other = await make_mirror(relay.url, config=config)
+    async with other.client() as client:
+        hosted = await client.get("/v2/team/app/manifests/v1")
+    assert 'realm="https://zone-node.example/central/token"' in hosted.headers["WWW-Authenticate"]
+    assert hosted.headers["X-Content-Type-Options"] == "nosniff"
 
 
 # --------------------------------------------------------------------------- R-RELOAD

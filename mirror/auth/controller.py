@@ -136,10 +136,12 @@ class TokenAccess:
         return self._upstream_service == self.token.service
 
     def realm(self, request: web.Request) -> str:
-        """The realm clients are sent to: the central one, or our relay."""
-        if self.settings.mirror.auth.token_proxy:
+        """The realm clients are sent to: the central one, our relay, or (distribution's
+        `autoredirect`) `autoredirectpath` on the base URL clients reach this node at."""
+        if self.settings.mirror.auth.token_proxy or self.token.autoredirect:
             base = external_base(request, self.settings.http.host, self.settings.mirror.trusted_proxies)
-            return base + TOKEN_PATH
+            return base + (TOKEN_PATH if self.settings.mirror.auth.token_proxy
+                           else self.token.autoredirectpath)
         return self.token.realm
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
