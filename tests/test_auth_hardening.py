@@ -43,6 +43,10 @@ CASES = {
                  "subject (and a mesh of eight distinct keys): at most MAX_SIGNATURE_CHECKS "
                  "signature checks, 401 each, off the event loop; a legitimate pull alongside "
                  "completes",
+    "H-AUTH-03": "forward mode: 200 forged JWT-shaped tokens (edited claims, made-up signatures, "
+                 "far-future exp; some naming no key) then 20 fresh valid ones at once: the forged "
+                 "ones get 401 (those naming no key at worst 429) and spend only the small "
+                 "budget; all 20 valid ones pull",
     "H-ADMIN-01": "the notify token and the admin token each open only their own routes: "
                   "notify refuses the admin token, purge/gc/du refuse the notify token",
     "H-ADMIN-02": "forward_to carries the notify token, never the admin token; plain http "
@@ -184,6 +188,91 @@ async def test_hostile_x5c_tokens_are_refused_while_a_pull_proceeds(
     # the asserted bounds are generous for a loaded 2-core machine, the count bound above is exact.
     assert max(durations) < 2.0
     assert pull_took < 10.0
+
+
+# --------------------------------------------------------------------------- H-AUTH-03
+
+FWD_REPO = "fwd/locked"
+
+
+@pytest.fixture
+def central(tmp_path: Path, pki: SimpleNamespace) -> Any:
+    from tests.support.authenv import Central
+
+    users = {"alice": ("alice-pw", {FWD_REPO: {"pull"}})}
+    with Central(tmp_path / "central", pki.ca, users=users) as side:
+        yield side
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged_tokens(central: Any, count: int) -> dict[str, list[str]]:
+    """JWT-shaped tokens nobody issued, claims plausible (right aud, exp ten years out)."""
+    import json
+    import secrets
+
+    from mirror.auth.access import Access
+    from tests.support.authenv import swap_payload
+
+    far = int(time.time()) + 10 * 365 * 86400
+    real = central.issuer.mint_for("mallory", [Access.of("repository", "fwd/elsewhere", "pull")])
+    header = real.split(".")[0]
+    claims = {"iss": "caas-issuer", "aud": "caas-registry", "sub": "alice", "exp": far,
+              "access": [{"type": "repository", "name": FWD_REPO, "actions": ["pull"]}]}
+
+    def payload(n: int) -> str:
+        return _b64url(json.dumps({**claims, "jti": f"forged-{n}"}).encode())
+
+    kid_header = _b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "AAAA:BBBB"}).encode())
+    third = count // 4
+    return {
+        "edited claims": [swap_payload(real, access=claims["access"], exp=far, jti=f"e-{n}")
+                          for n in range(count - 3 * third)],
+        "made-up signature": [f"{header}.{payload(n)}.{_b64url(secrets.token_bytes(256))}"
+                              for n in range(third)],
+        "no key header": [f"{kid_header}.{payload(n)}.{_b64url(secrets.token_bytes(256))}"
+                          for n in range(third)],
+        "garbage": [f"{_b64url(secrets.token_bytes(30))}.{payload(n)}.{_b64url(secrets.token_bytes(64))}"
+                    for n in range(third)],
+    }
+
+
+async def test_forged_tokens_cannot_lock_forward_mode_out(make_mirror, central, tmp_path) -> None:
+    """H-AUTH-03: unverified tokens never spend the budget valid ones need."""
+    from mirror.auth.access import Access
+    from mirror.auth.forward import HEAD_BURST, HEADS_PER_SECOND
+    from tests.support.relay import run_relay
+
+    async with httpx.AsyncClient(timeout=30) as seed:
+        image = await images.push_image(seed, central.registry.url, FWD_REPO, "v1",
+                                        headers=bearer(central.admin_token(FWD_REPO)))
+    with run_relay(central.registry.url) as link:
+        node = await make_mirror(link.url, config=node_config(tmp_path, link.url,
+                                                              mirror_auth={"mode": "forward"}))
+        forged = forged_tokens(central, 200)
+        url = f"/v2/{FWD_REPO}/manifests/v1"
+        started = time.monotonic()
+        async with node.client(headers=ACCEPT) as client:
+            answers = {kind: await asyncio.gather(*(client.get(url, headers=bearer(t)) for t in tokens))
+                       for kind, tokens in forged.items()}
+            valid = [central.issuer.mint_for("alice", [Access.of("repository", FWD_REPO, "pull")])
+                     for _ in range(20)]
+            pulls = await asyncio.gather(*(client.get(url, headers=bearer(t)) for t in valid))
+        elapsed = time.monotonic() - started
+        heads = link.count("HEAD")
+    statuses = {kind: sorted({r.status_code for r in got}) for kind, got in answers.items()}
+    print(f"H-AUTH-03: {statuses}, valid {sorted({r.status_code for r in pulls})}, "
+          f"{heads} HEADs upstream in {elapsed:.1f}s")
+    assert sum(map(len, forged.values())) == 200
+    for kind in ("edited claims", "made-up signature", "garbage"):
+        assert statuses[kind] == [401], kind  # refused here: no HEAD, no budget
+    assert set(statuses["no key header"]) <= {401, 429}  # judged upstream within the small budget
+    assert all(image.manifest not in r.content for got in answers.values() for r in got)
+    assert [r.status_code for r in pulls] == [200] * 20
+    assert all(r.content == image.manifest for r in pulls)
+    assert heads <= HEAD_BURST + HEADS_PER_SECOND * elapsed + len(valid) + 1
 
 
 # --------------------------------------------------------------------------- H-ADMIN

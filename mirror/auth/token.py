@@ -25,6 +25,7 @@ from typing import Any
 
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .access import (
@@ -40,6 +41,7 @@ from .keys import (
     ChainError,
     PublicKey,
     TrustedKeys,
+    check_supported_key,
     libtrust_key_id,
     public_key_from_jwk,
     same_key,
@@ -391,6 +393,47 @@ def _verified_payload(raw: str, key: PublicKey, alg: str) -> bytes:
     except jwt.PyJWTError as exc:
         raise InvalidToken(f"bad signature: {exc}") from None
     return decoded["payload"]
+
+
+def named_signer(raw: str, max_size: int = 8192) -> bytes | None:
+    """SHA-256 of the key a token's header names by itself (``x5c`` leaf or ``jwk``), after
+    checking the token's signature with that key; None when the header names none (``kid``).
+
+    Nothing here makes the key trusted: forward mode uses it to tell a token
+    signed by a key upstream has accepted before from a forgery (claims
+    edited, signature made up), which is refused without asking upstream.
+
+    Raises:
+        InvalidToken: malformed, or not signed by the key its header names.
+    """
+    if not isinstance(raw, str) or len(raw) > max_size:
+        raise InvalidToken("token missing or oversized")
+    parts = raw.split(".")
+    if len(parts) != 3 or not all(parts) or not all(map(_B64URL.fullmatch, parts)):
+        raise InvalidToken("malformed token: not three base64url parts")
+    header = _json_object(_b64url_decode(parts[0]), "header")
+    if "x5c" in header:
+        try:
+            key = check_supported_key(_parse_x5c(header["x5c"])[0].public_key())
+        except ValueError as exc:
+            raise InvalidToken(f"x5c leaf: {exc}") from None
+    elif "jwk" in header:
+        if not isinstance(header["jwk"], dict):
+            raise InvalidToken("jwk header is not an object")
+        try:
+            key = public_key_from_jwk(header["jwk"])
+        except ValueError as exc:
+            raise InvalidToken(f"jwk header: {exc}") from None
+    else:
+        return None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms_for_key(key):
+        raise InvalidToken(f"alg {alg!r} does not fit the key the header names")
+    _verified_payload(raw, key, alg)
+    return hashlib.sha256(key.public_bytes(*_SPKI)).digest()
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 # -- bearer auth helpers -----------------------------------------------------------
