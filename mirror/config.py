@@ -392,7 +392,8 @@ class HttpSettings:
     host: str | None = None  # externally visible base URL, used to build absolute URLs
     debug_addr: str | None = None  # metrics/debug listener; None = off
     tls: TLSSettings | None = None  # None = plain HTTP (TLS usually ends at nginx)
-    headers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _no_headers())  # every response
+    # distribution's http.headers: added to every response that does not set them itself
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _no_headers())
 
     @property
     def bind(self) -> tuple[str, int]:
@@ -461,7 +462,7 @@ class AdminSettings:
 @dataclass(frozen=True, slots=True, repr=False)
 class NotifySettings:
     forward_to: tuple[str, ...] = ()  # https URLs (http only with allow_insecure_forward)
-    token: str | None = None  # bearer secret of /admin/notify alone, never the admin token; redacted
+    token: str | None = None  # bearer secret of /admin/notify alone (not the admin one); redacted
     allow_insecure_forward: bool = False  # let forward_to use plain http
 
     def __repr__(self) -> str:
@@ -990,7 +991,9 @@ def _tls(tls: _Section) -> TLSSettings | None:
                                                  f"{', '.join(_CLIENT_AUTH)})")
     minimumtls = tls.get("minimumtls", _string, "tls1.2").lower()
     if minimumtls not in _TLS_VERSIONS:
-        raise ConfigError(tls.key("minimumtls"), f"unknown {minimumtls!r} (one of {', '.join(_TLS_VERSIONS)})")
+        raise ConfigError(
+            tls.key("minimumtls"), f"unknown {minimumtls!r} (one of {', '.join(_TLS_VERSIONS)})"
+        )
     return TLSSettings(certificate=certificate, key=key, clientcas=clientcas,
                        clientauth=clientauth, minimumtls=minimumtls)
 

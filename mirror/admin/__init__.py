@@ -48,7 +48,8 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
                 raise errors.Unauthorized(f"{key} required",
                                           headers={"WWW-Authenticate": 'Bearer realm="mirror-admin"'})
         elif not settings.admin.trust_loopback:
-            raise errors.Denied(f"closed: {key} is not set and mirror.admin.trust_loopback is false")
+            raise errors.Denied(f"closed: {key} is not set and "
+                                "mirror.admin.trust_loopback is false")
         elif not _loopback(request):
             raise errors.Denied(f"answers only on loopback without {key}")
     return await handler(request)

@@ -137,7 +137,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(tls.certificate, tls.key)
     except (OSError, ssl.SSLError) as exc:
-        raise TLSSetupError(f"http.tls.certificate/key: cannot load {tls.certificate}: {exc}") from None
+        raise TLSSetupError(
+            f"http.tls.certificate/key: cannot load {tls.certificate}: {exc}") from None
     for i, cafile in enumerate(tls.clientcas):
         try:
             context.load_verify_locations(cafile=cafile)

@@ -150,7 +150,8 @@ class TokenAccess:
         error = None
         if raw:
             try:
-                claims = self.verifier.cached(raw) or await verify_off_loop(self.verifier.verify, raw)
+                claims = (self.verifier.cached(raw)
+                          or await verify_off_loop(self.verifier.verify, raw))
             except Exception as exc:  # noqa: BLE001 - InvalidToken; anything else is invalid too
                 reason = getattr(exc, "reason", str(exc))
                 error, claims = "invalid_token", None

@@ -128,13 +128,15 @@ class ForwardAccess:
         if allowed is None and upstream_challenge.scheme != "basic":
             signer = await self._signer(raw, required, upstream_challenge)
         if allowed is None:
-            allowed = await self._flight.run(key, lambda: self._verify(key, request.rel_url.raw_path,
-                                                                       authorization, claims, signer))
+            path = request.rel_url.raw_path
+            allowed = await self._flight.run(
+                key, lambda: self._verify(key, path, authorization, claims, signer))
         if not allowed:
             raise self._deny("insufficient_scope", required, upstream_challenge, "upstream refused the token")
         return authorization
 
-    async def _signer(self, raw: str, required: Sequence[Access], upstream_challenge: Challenge) -> bytes | None:
+    async def _signer(self, raw: str, required: Sequence[Access],
+                      upstream_challenge: Challenge) -> bytes | None:
         """The key the token names, its signature checked; a forgery is refused here."""
         from mirror.auth.token import InvalidToken, named_signer
 
@@ -223,7 +225,7 @@ class ForwardAccess:
         # answers HEAD on tags/list and _catalog with 405 after checking the token.
         allowed = status < 400 or status in (404, 405)
         if allowed and signer is not None:
-            self._vouch(signer)  # upstream accepts this key's tokens: its next ones are not strangers
+            self._vouch(signer)  # upstream accepts this key's tokens: its next ones are known
         exp = claims.get("exp")
         lifetime = ALLOW_FOR if allowed else DENY_FOR
         if allowed and isinstance(exp, int | float):

@@ -306,16 +306,20 @@ def verify_chain(
     if leaf.public_bytes(serialization.Encoding.DER) in trusted.bundle_der:
         return key
     search = _PathSearch(chain[1:], trusted, now, max_checks)
-    if not search.complete([leaf], {_spki(leaf)}):
+    if not search.complete([leaf], {_spki(leaf) or b""}):
         raise ChainError(f"certificate chain for {leaf.subject.rfc4514_string()!r} is not trusted"
                          + (" (signature-check budget spent)" if search.spent else ""))
     return key
 
 
-def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _spki(cert: x509.Certificate) -> bytes | None:
+    """The certificate's DER SubjectPublicKeyInfo; None when its key cannot be read."""
+    try:
+        return cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except Exception:  # noqa: BLE001 - unsupported or malformed key: never a usable issuer
+        return None
 
 
 class _PathSearch:
@@ -323,24 +327,24 @@ class _PathSearch:
 
     def __init__(self, pool: Sequence[x509.Certificate], trusted: TrustedKeys, now: datetime,
                  max_checks: int) -> None:
-        self.pool = [c for c in pool if _usable_quietly(c, now)]
+        self.pool = [(c, spki) for c in pool
+                     if _usable_quietly(c, now) and (spki := _spki(c)) is not None]
         self.roots = [r for r in trusted.certificates if _valid_at(r, now)]
         self.left = max_checks
         self.checks = 0
         self.spent = False
         self._verdicts: dict[tuple[int, int], bool] = {}
 
-    def complete(self, path: list[x509.Certificate], keys: set[bytes]) -> bool:
+    def complete(self, path: list[x509.Certificate], keys: frozenset[bytes] | set[bytes]) -> bool:
         """True when ``path`` extends to a root; never tries a key already on the path."""
         child, below = path[-1], len(path) - 1
         if any(self._issued_by(child, root, below) for root in self.roots):
             return True
         if len(path) >= MAX_CHAIN_LENGTH:
             return False
-        for candidate in self.pool:
+        for candidate, spki in self.pool:
             if self.spent:
                 return False
-            spki = _spki(candidate)
             if spki in keys or not self._issued_by(child, candidate, below):
                 continue
             if self.complete([*path, candidate], keys | {spki}):
