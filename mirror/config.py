@@ -826,8 +826,8 @@ def _env_path(tokens: list[str], node: Any) -> tuple[str, ...] | None:
     path: list[str] = []
     i = 0
     while i < len(tokens):
-        if node == IGNORE:  # free-form below here, as distribution's parameter maps are
-            return (*path, *(token.lower() for token in tokens[i:]))
+        if node == IGNORE or isinstance(node, _Refuse):  # free-form below, as distribution's
+            return (*path, *(token.lower() for token in tokens[i:]))  # parameter maps are
         if not isinstance(node, dict):
             return None
         for j in range(len(tokens), i, -1):
@@ -873,6 +873,8 @@ def _apply_env(
             found.append((_env_path(name[len("REGISTRY_") :].split("_"), schema), name, text))
     unknown = []
     for path, name, text in sorted(found, key=lambda item: (len(item[0] or ()), item[1])):
+        if path is None and name.startswith(("REGISTRY_AUTH_", "REGISTRY_HTTP_TLS_")):
+            raise ConfigError(f"env:{name}", "names no key of auth or http.tls the node can honour")
         if path is None or path == ("version",):  # distribution never lets env set the version
             unknown.append(f"env:{name}")
         else:

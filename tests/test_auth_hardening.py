@@ -524,6 +524,18 @@ def test_keys_that_cannot_be_honoured_refuse_the_start(tmp_path, case) -> None:
     assert str(refused.value).startswith(f"config: {key}:"), str(refused.value)
 
 
+@pytest.mark.parametrize(("env", "key"), [
+    ({"REGISTRY_HTTP_TLS_CLIENTCA": "/ca.pem"}, "env:REGISTRY_HTTP_TLS_CLIENTCA"),
+    ({"REGISTRY_AUTH_SILLY_REALM": "r"}, "auth.silly"),
+    ({"REGISTRY_HTTP_TLS_LETSENCRYPT_CACHEFILE": "/le.json"}, "http.tls.letsencrypt"),
+])
+def test_environment_overrides_are_refused_alike(env, key) -> None:
+    """H-CONF-02: a REGISTRY_* variable is no way around the refusal."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, env)
+    assert str(refused.value).startswith(f"config: {key}:"), str(refused.value)
+
+
 def test_a_refused_key_is_one_line_and_exit_2(tmp_path) -> None:
     """H-CONF-02: as `mirror serve` reports it."""
     import subprocess
