@@ -172,14 +172,14 @@ class ForwardAccess:
         if not realm.lower().startswith(("https://", "http://")):
             return
         try:
-            async with httpx.AsyncClient(timeout=LEARN_TIMEOUT, trust_env=False,
-                                         verify=verify_setting()) as client:
+            async with asyncio.timeout(LEARN_TIMEOUT), httpx.AsyncClient(
+                    timeout=LEARN_TIMEOUT, trust_env=False, verify=verify_setting()) as client:
                 response = await client.get(realm, params={"service": service} if service else None)
                 response.raise_for_status()
                 body = response.json()
             token = body.get("token") or body.get("access_token")
             signer = await verify_off_loop(named_signer, token)
-        except (httpx.HTTPError, ValueError, AttributeError, InvalidToken) as exc:
+        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError, InvalidToken) as exc:
             log.info("upstream's token signing key not learned from %s: %s", realm, exc)
             return
         if signer is not None:
