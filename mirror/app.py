@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
 from aiohttp import web
@@ -44,10 +44,24 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
 
     app.cleanup_ctx.append(node_context)
     app.on_response_prepare.append(middleware.add_api_version)
+    if settings.http.headers:
+        app.on_response_prepare.append(_configured_headers(settings.http.headers))
     app.router.add_route("*", TOKEN_PATH, _token)
     app.router.add_route("*", "/v2", middleware.dispatch)
     app.router.add_route("*", r"/v2/{tail:[\s\S]*}", middleware.dispatch)
     return app
+
+
+def _configured_headers(headers: Mapping[str, tuple[str, ...]]) -> Callable[..., Awaitable[None]]:
+    """distribution's `http.headers` (e.g. `X-Content-Type-Options: nosniff`, HSTS) on every
+    response that does not set the header itself."""
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        for name, values in headers.items():
+            if name not in response.headers:
+                for value in values:
+                    response.headers.add(name, value)
+
+    return add
 
 
 async def _token(request: web.Request) -> web.StreamResponse:

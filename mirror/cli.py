@@ -108,14 +108,10 @@ async def _until_signalled() -> None:
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:
-    """A TLS 1.2+ server context when `http.tls` is configured."""
-    tls = settings.http.tls
-    if tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.certificate, tls.key)
-    return context
+    """A TLS 1.2+ server context when `http.tls` is configured (`http.tls.clientcas`: mTLS)."""
+    from mirror.api.server import tls_context
+
+    return tls_context(settings)
 
 
 if __name__ == "__main__":

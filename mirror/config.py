@@ -5,10 +5,15 @@ so every key distribution accepts is accepted here, in one of three ways:
 
 * **used**: ``version``, ``log.level`` (or the legacy ``loglevel``), ``log.formatter``,
   ``storage.filesystem.rootdirectory``, ``http.addr``, ``http.net`` (tcp only), ``http.host``,
-  ``http.debug.addr``, ``http.tls.certificate``/``key``, ``proxy.*``, ``auth.token``,
+  ``http.debug.addr``, ``http.headers``, ``http.tls.certificate``/``key``/``clientcas``/
+  ``clientauth``/``minimumtls``, ``proxy.*``, ``auth.token`` (with ``autoredirect``),
   ``auth.htpasswd`` and ``notifications.endpoints``;
 * **accepted but ignored** (``storage.cache``, ``http.secret``, ``log.fields``, ``redis``, other
   storage drivers...): returned in ``Settings.ignored_keys`` so the caller logs ONE warning;
+* **refused** (``_Refuse``): keys the node cannot honour whose ignoring would weaken security
+  (``http.tls.ciphersuites``, ``http.tls.letsencrypt``, ``auth.silly``,
+  ``auth.token.jwksrefreshinterval``), and unknown keys under ``auth.`` and ``http.tls.``: a
+  ``ConfigError`` naming the key, so nothing fails open;
 * **unknown** to distribution and to us: returned in ``Settings.unknown_keys`` (a warning too).
 
 ``proxy.ttl`` is parsed but only documented: content leaves the store by quota (``mirror.cache``),
@@ -39,10 +44,10 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
         high_watermark: 0.95  # eviction starts above this fraction of max_size...
         low_watermark: 0.85   # ...and runs until usage is below this one
       auth: {mode: local, token_proxy: false}   # mode: local | forward
-      admin: {token: ~}
+      admin: {token: ~, trust_loopback: true}   # the token authorizes purge, gc, prewarm...
       passthrough_writes: false
       trusted_proxies: []   # CIDRs (or single IPs) whose forwarding headers are believed
-      notify: {forward_to: []}                  # http(s) URLs
+      notify: {token: ~, forward_to: [], allow_insecure_forward: false}   # /admin/notify only
       prefetch: {rules: [], keep_fresh: 0, interval: 10m}   # rules are glob strings
       client_idle_timeout: 60s
       manifest_max_size: 4MiB
@@ -376,6 +381,9 @@ class StorageSettings:
 class TLSSettings:
     certificate: Path
     key: Path
+    clientcas: tuple[Path, ...] = ()  # CA files client certificates must chain to; () = no mTLS
+    clientauth: str = "require-and-verify-client-cert"  # or verify-client-cert-if-given
+    minimumtls: str = "tls1.2"  # tls1.0/tls1.1 still mean 1.2 (never weaker); tls1.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +392,8 @@ class HttpSettings:
     host: str | None = None  # externally visible base URL, used to build absolute URLs
     debug_addr: str | None = None  # metrics/debug listener; None = off
     tls: TLSSettings | None = None  # None = plain HTTP (TLS usually ends at nginx)
+    # distribution's http.headers: added to every response that does not set them itself
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _no_headers())
 
     @property
     def bind(self) -> tuple[str, int]:
@@ -441,14 +451,22 @@ class MirrorAuthSettings:
 @dataclass(frozen=True, slots=True, repr=False)
 class AdminSettings:
     token: str | None = None  # None = admin API off; redacted in repr
+    # Without a token, loopback callers are trusted. False where "loopback" is every process of a
+    # host (hostNetwork): then the admin API answers only with the token.
+    trust_loopback: bool = True
 
     def __repr__(self) -> str:
         return _redacting_repr(self, frozenset({"token"}))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class NotifySettings:
-    forward_to: tuple[str, ...] = ()  # http(s) URLs
+    forward_to: tuple[str, ...] = ()  # https URLs (http only with allow_insecure_forward)
+    token: str | None = None  # bearer secret of /admin/notify alone (not the admin one); redacted
+    allow_insecure_forward: bool = False  # let forward_to use plain http
+
+    def __repr__(self) -> str:
+        return _redacting_repr(self, frozenset({"token"}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,7 +502,8 @@ class TokenAuthSettings:
     rootcertbundle: Path | None = None  # certificates whose keys sign tokens; this or jwks
     jwks: Path | None = None
     signingalgorithms: tuple[str, ...] = ()  # () = the verifier's default set
-    autoredirect: bool = False
+    autoredirect: bool = False  # realm = this node's external base + autoredirectpath
+    autoredirectpath: str = "/auth/token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +567,19 @@ IGNORE = "ignore"  # a key (and its whole subtree) distribution accepts and we d
 
 
 @dataclass(frozen=True, slots=True)
+class _Refuse:
+    """A key distribution accepts that the node cannot honour, and ignoring it would weaken
+    security: set (non-empty), it stops the start with one line naming it."""
+
+    reason: str
+
+
+#: Sections where an unknown key is refused, not warned about: a typo there (`clientca`)
+#: would silently serve with less security than the operator wrote.
+_STRICT_SECTIONS = ("auth.", "http.tls.")
+
+
+@dataclass(frozen=True, slots=True)
 class _ListOf:
     """A list whose items all follow one mapping schema (notification endpoints)."""
 
@@ -571,8 +603,8 @@ _UPSTREAM_FIELDS = {
 }
 _CACHE_FIELDS = {"high_watermark": _fraction, "low_watermark": _fraction}
 _MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean}
-_ADMIN_FIELDS = {"token": _string}
-_NOTIFY_FIELDS = {"forward_to": _http_urls}
+_ADMIN_FIELDS = {"token": _string, "trust_loopback": _boolean}
+_NOTIFY_FIELDS = {"forward_to": _http_urls, "token": _string, "allow_insecure_forward": _boolean}
 _PREFETCH_FIELDS = {
     "rules": _strings,
     "keep_fresh": _non_negative_int,
@@ -596,6 +628,7 @@ _TOKEN_FIELDS = {
     "jwks": _path,
     "signingalgorithms": _strings,
     "autoredirect": _boolean,
+    "autoredirectpath": _string,
 }
 _JWS_ALGORITHMS = (
     "EdDSA",
@@ -638,12 +671,15 @@ def _mirror_schema() -> dict[str, Any]:
 def _schema() -> dict[str, Any]:
     """Every key of distribution 2.8/3.x's configuration.go, marked USE or IGNORE, plus ours."""
     tls = {
-        **_uses("certificate", "key"),
-        **_ignores("clientcas", "minimumtls", "ciphersuites", "letsencrypt"),
+        **_uses("certificate", "key", "clientcas", "clientauth", "minimumtls"),
+        "ciphersuites": _Refuse("not supported: the node offers OpenSSL's TLS 1.2+ defaults "
+                                "(remove the key, or restrict ciphers at the TLS front)"),
+        "letsencrypt": _Refuse("not supported: set http.tls.certificate and key (certificates "
+                               "from certbot or the platform)"),
     }
     http = {
-        **_uses("addr", "net", "host"),
-        **_ignores("prefix", "secret", "relativeurls", "draintimeout", "headers", "http2", "h2c"),
+        **_uses("addr", "net", "host", "headers"),
+        **_ignores("prefix", "secret", "relativeurls", "draintimeout", "http2", "h2c"),
         "tls": tls,
         "debug": {"addr": USE, "prometheus": IGNORE},
     }
@@ -671,9 +707,14 @@ def _schema() -> dict[str, Any]:
             "filesystem": {"rootdirectory": USE, "maxthreads": IGNORE},
         },
         "auth": {
-            "token": {**_uses(*_TOKEN_FIELDS), "autoredirectpath": IGNORE},
+            "token": {
+                **_uses(*_TOKEN_FIELDS),
+                "jwksrefreshinterval": _Refuse("not supported: the node re-reads jwks on SIGHUP "
+                                               "(systemctl reload); remove the key"),
+            },
             "htpasswd": _uses("realm", "path"),
-            "silly": IGNORE,
+            "silly": _Refuse("not supported: a development-only provider that lets anyone in "
+                             "(use token or htpasswd)"),
         },
         "http": http,
         "notifications": {"events": IGNORE, "endpoints": _ListOf(endpoint)},
@@ -710,6 +751,9 @@ def _classify(value: Any, node: Any, key: str, ignored: list[str], unknown: list
     """
     if node == IGNORE:
         ignored.append(key)
+    elif isinstance(node, _Refuse):
+        if value not in (None, "", [], {}):
+            raise ConfigError(key, node.reason)
     elif isinstance(node, _ListOf):
         items = [] if value is None else value
         if not isinstance(items, list):
@@ -721,7 +765,7 @@ def _classify(value: Any, node: Any, key: str, ignored: list[str], unknown: list
             child_key = f"{key}.{name}" if key else str(name)
             if name in node:
                 _classify(child, node[name], child_key, ignored, unknown)
-            elif child_key.startswith("mirror."):
+            elif child_key.startswith(("mirror.", *_STRICT_SECTIONS)):
                 raise ConfigError(child_key, f"unknown key (expected one of: {', '.join(node)})")
             else:
                 unknown.append(child_key)
@@ -782,8 +826,8 @@ def _env_path(tokens: list[str], node: Any) -> tuple[str, ...] | None:
     path: list[str] = []
     i = 0
     while i < len(tokens):
-        if node == IGNORE:  # free-form below here, as distribution's parameter maps are
-            return (*path, *(token.lower() for token in tokens[i:]))
+        if node == IGNORE or isinstance(node, _Refuse):  # free-form below, as distribution's
+            return (*path, *(token.lower() for token in tokens[i:]))  # parameter maps are
         if not isinstance(node, dict):
             return None
         for j in range(len(tokens), i, -1):
@@ -829,6 +873,8 @@ def _apply_env(
             found.append((_env_path(name[len("REGISTRY_") :].split("_"), schema), name, text))
     unknown = []
     for path, name, text in sorted(found, key=lambda item: (len(item[0] or ()), item[1])):
+        if path is None and name.startswith(("REGISTRY_AUTH_", "REGISTRY_HTTP_TLS_")):
+            raise ConfigError(f"env:{name}", "names no key of auth or http.tls the node can honour")
         if path is None or path == ("version",):  # distribution never lets env set the version
             unknown.append(f"env:{name}")
         else:
@@ -923,17 +969,35 @@ def _http(root: _Section) -> HttpSettings:
         host=http.get("host", _http_url),
         debug_addr=http.sub("debug").get("addr", _address),
         tls=_tls(http.sub("tls")),
+        headers=http.get("headers", _headers, _no_headers()),
     )
+
+
+_CLIENT_AUTH = ("require-and-verify-client-cert", "verify-client-cert-if-given")
+_TLS_VERSIONS = ("tls1.0", "tls1.1", "tls1.2", "tls1.3")
 
 
 def _tls(tls: _Section) -> TLSSettings | None:
     certificate, key = tls.get("certificate", _path), tls.get("key", _path)
+    clientcas = tuple(Path(p) for p in tls.get("clientcas", _strings, ()))
     if certificate is None and key is None:
+        if clientcas:  # plain HTTP would serve everyone the operator meant to check
+            raise ConfigError(tls.key("clientcas"), "needs http.tls.certificate and key")
         return None
     if certificate is None or key is None:
         missing = "certificate" if certificate is None else "key"
         raise ConfigError(tls.key(missing), "required: set both certificate and key, or neither")
-    return TLSSettings(certificate=certificate, key=key)
+    clientauth = tls.get("clientauth", _string, _CLIENT_AUTH[0])
+    if clientauth not in _CLIENT_AUTH:  # the others accept unverified certificates
+        raise ConfigError(tls.key("clientauth"), f"unsupported {clientauth!r} (one of "
+                                                 f"{', '.join(_CLIENT_AUTH)})")
+    minimumtls = tls.get("minimumtls", _string, "tls1.2").lower()
+    if minimumtls not in _TLS_VERSIONS:
+        raise ConfigError(
+            tls.key("minimumtls"), f"unknown {minimumtls!r} (one of {', '.join(_TLS_VERSIONS)})"
+        )
+    return TLSSettings(certificate=certificate, key=key, clientcas=clientcas,
+                       clientauth=clientauth, minimumtls=minimumtls)
 
 
 def _proxy(root: _Section) -> ProxySettings:
@@ -976,6 +1040,8 @@ def _token(token: _Section) -> TokenAuthSettings:
     if token.raw("rootcertbundle") is None and token.raw("jwks") is None:
         raise ConfigError(token.key("rootcertbundle"), "required (or auth.token.jwks)")
     settings = token.build(TokenAuthSettings, _TOKEN_FIELDS)
+    if not settings.autoredirectpath.startswith("/"):
+        raise ConfigError(token.key("autoredirectpath"), "must be an absolute path (/auth/token)")
     for i, algorithm in enumerate(settings.signingalgorithms):
         if algorithm not in _JWS_ALGORITHMS:
             raise ConfigError(
@@ -1046,9 +1112,22 @@ def _mirror(root: _Section) -> MirrorSettings:
         cache=_cache(mirror.sub("cache")),
         auth=mirror.sub("auth").build(MirrorAuthSettings, _MIRROR_AUTH_FIELDS),
         admin=mirror.sub("admin").build(AdminSettings, _ADMIN_FIELDS),
-        notify=mirror.sub("notify").build(NotifySettings, _NOTIFY_FIELDS),
+        notify=_notify(mirror.sub("notify"), mirror.sub("admin")),
         prefetch=mirror.sub("prefetch").build(PrefetchSettings, _PREFETCH_FIELDS),
     )
+
+
+def _notify(notify: _Section, admin: _Section) -> NotifySettings:
+    """Forwarding carries the notify token and the events: https unless explicitly allowed."""
+    settings = notify.build(NotifySettings, _NOTIFY_FIELDS)
+    if not settings.allow_insecure_forward:
+        for i, url in enumerate(settings.forward_to):
+            if url.lower().startswith("http://"):
+                raise ConfigError(notify.key(f"forward_to[{i}]"), "plain http forwarding needs "
+                                  "mirror.notify.allow_insecure_forward: true (use https)")
+    if settings.token is not None and settings.token == admin.get("token", _string):
+        raise ConfigError(notify.key("token"), "must differ from mirror.admin.token")
+    return settings
 
 
 def _upstream(upstream: _Section) -> UpstreamSettings:
@@ -1101,7 +1180,7 @@ def load_settings(
     unknown: list[str] = []
     _classify(raw, schema, "", ignored, unknown)
     root = _Section(raw)
-    return Settings(
+    settings = Settings(
         version=_version(root),
         log=_log(root),
         storage=_storage(root),
@@ -1113,3 +1192,17 @@ def load_settings(
         ignored_keys=tuple(dict.fromkeys(ignored)),
         unknown_keys=tuple(dict.fromkeys(unknown + env_unknown)),
     )
+    _refuse_conflicts(root, settings)
+    return settings
+
+
+def _refuse_conflicts(root: _Section, settings: Settings) -> None:
+    """Keys that cannot both be honoured: refused rather than one silently winning."""
+    token = settings.auth.token
+    if token is not None and token.autoredirect and settings.mirror.auth.token_proxy:
+        raise ConfigError("auth.token.autoredirect", "conflicts with mirror.auth.token_proxy "
+                                                     "(both set the realm): keep one")
+    readonly = root.sub("storage").sub("maintenance").sub("readonly")
+    if settings.mirror.passthrough_writes and readonly.get("enabled", _boolean, False):
+        raise ConfigError("storage.maintenance.readonly.enabled",
+                          "a read-only registry cannot relay pushes (mirror.passthrough_writes)")

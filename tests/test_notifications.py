@@ -26,6 +26,7 @@ from tests.support.registry import Registry, run_registry
 from tests.support.relay import Relay
 
 ADMIN_TOKEN = "admin-secret-for-tests"
+NOTIFY_TOKEN = "notify-secret-for-tests"  # what the registry holds: /admin/notify only
 
 
 def unique(name: str) -> str:
@@ -62,10 +63,10 @@ def debug_port() -> int:
 
 @pytest.fixture
 def central(tmp_path: Path, debug_port: int) -> Iterator[Registry]:
-    """A central registry whose notifications go to the node's admin endpoint (with the token)."""
+    """A central registry whose notifications go to the node's admin endpoint (with the notify token)."""
     endpoint = {"name": "edge", "url": f"http://127.0.0.1:{debug_port}/admin/notify", "timeout": "2s",
                 "threshold": 3, "backoff": "200ms",
-                "headers": {"Authorization": [f"Bearer {ADMIN_TOKEN}"]}}
+                "headers": {"Authorization": [f"Bearer {NOTIFY_TOKEN}"]}}
     with run_registry(tmp_path / "central", notifications=[endpoint]) as registry:
         yield registry
 
@@ -80,7 +81,7 @@ def central_relay(central: Registry) -> Iterator[Relay]:
 async def notified(make_mirror, central_relay, debug_port) -> AsyncIterator[Any]:
     """A node in front of the central registry (tags trusted 1h), its admin listener on debug_port."""
     node = await make_mirror(central_relay.url, tag_ttl="1h", admin={"token": ADMIN_TOKEN},
-                             prefetch={"rules": ["warm/*"]})
+                             notify={"token": NOTIFY_TOKEN}, prefetch={"rules": ["warm/*"]})
     runner, _ = await serve(create_debug_app(node.node), debug_port)
     yield node
     await runner.cleanup()
@@ -227,7 +228,8 @@ async def test_envelopes_are_forwarded_to_edge_zones(make_mirror, relay) -> None
     edge = await make_mirror(relay.url)
     edge_runner, edge_url = await serve(create_debug_app(edge.node))
     try:
-        zone = await make_mirror(relay.url, notify={"forward_to": [f"{edge_url}/admin/notify"]})
+        zone = await make_mirror(relay.url, notify={"forward_to": [f"{edge_url}/admin/notify"],
+                                                    "allow_insecure_forward": True})
         zone_runner, zone_url = await serve(create_debug_app(zone.node))
         try:
             body = envelope(push_event("a/b", "sha256:" + "6" * 64, "v1"))

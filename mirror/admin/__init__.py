@@ -24,26 +24,41 @@ ADMIN_PREFIX = "/admin/"
 
 
 STATUS_PAGE = "/"
+#: The one admin route a registry's notifications call: it takes `mirror.notify.token`.
+NOTIFY_PATH = "/admin/notify"
 
 
 @web.middleware
 async def admin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer secret (`mirror.admin.token`) required; without one, loopback only.
+    """Each secret authorizes its own routes; without one, trusted loopback only.
 
-    The status page (`/`) is guarded alike. A browser cannot send a Bearer
-    header by itself, so HTTP Basic with the token as password (any user name)
-    is accepted too, and the page's challenge is Basic: the browser asks once
-    and sends it again with the page's own `/admin/status` requests.
+    `mirror.notify.token` authorizes `POST /admin/notify` and nothing else (a
+    registry's notification config holds it); `mirror.admin.token` authorizes
+    every other admin route (purge, gc, prewarm...) and the status page, never
+    notify. With `mirror.admin.trust_loopback: false` (hostNetwork, where
+    loopback is every process of the host) an unset secret closes its routes.
+
+    A browser cannot send a Bearer header by itself, so for the status page
+    (`/`) HTTP Basic with the token as password (any user name) is accepted
+    too, and the page's challenge is Basic: the browser asks once and sends it
+    again with the page's own `/admin/status` requests.
     """
     if request.path.startswith(ADMIN_PREFIX) or request.path == STATUS_PAGE:
-        secret = request.app[NODE].settings.mirror.admin.token
+        settings = request.app[NODE].settings.mirror
+        if request.path == NOTIFY_PATH:
+            secret, key = settings.notify.token, "mirror.notify.token"
+        else:
+            secret, key = settings.admin.token, "mirror.admin.token"
         if secret:
             if not _offers(request.headers.get("Authorization", ""), secret):
                 scheme = "Basic" if request.path == STATUS_PAGE else "Bearer"
-                raise errors.Unauthorized("admin token required",
+                raise errors.Unauthorized(f"{key} required",
                                           headers={"WWW-Authenticate": f'{scheme} realm="mirror-admin"'})
+        elif not settings.admin.trust_loopback:
+            raise errors.Denied(f"closed: {key} is not set and "
+                                "mirror.admin.trust_loopback is false")
         elif not _loopback(request):
-            raise errors.Denied("admin API answers only on loopback without mirror.admin.token")
+            raise errors.Denied(f"answers only on loopback without {key}")
     return await handler(request)
 
 

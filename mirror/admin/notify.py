@@ -1,7 +1,7 @@
 """Admin API: `POST /admin/notify`, distribution's notification endpoint.
 
 Point the central registry's `notifications.endpoints` here (the debug
-listener, `http.debug.addr`); with `mirror.admin.token` set, the endpoint
+listener, `http.debug.addr`); with `mirror.notify.token` set, the endpoint
 config carries it: `headers: {Authorization: [Bearer <token>]}`. The body is
 distribution's envelope (`application/vnd.docker.distribution.events.v1+json`,
 `{"events": [...]}`); it is acted on in the background, so the answer (200,

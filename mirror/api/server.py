@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from mirror.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +119,42 @@ class MirrorRunner(web.AppRunner):
         if type(server) is web.Server:  # aiohttp builds a plain Server; serve ours
             server.__class__ = HeaderTimeoutServer
         return server
+
+
+class TLSSetupError(OSError):
+    """A TLS file named by the config cannot be used; the message names the key."""
+
+
+_MINIMUM = {"tls1.3": ssl.TLSVersion.TLSv1_3}  # tls1.0/1.1/1.2: never below 1.2
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context for `http.tls`, or None for plain HTTP.
+
+    TLS 1.2 or newer (1.3 with `minimumtls: tls1.3`). With `clientcas`, every
+    connection must present a certificate chaining to one of those CAs
+    (`CERT_REQUIRED`), as distribution's `RequireAndVerifyClientCert`; with
+    `clientauth: verify-client-cert-if-given` one is verified when sent.
+
+    Raises:
+        TLSSetupError: a certificate, key or CA file is unreadable or unusable.
+    """
+    tls = settings.http.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = _MINIMUM.get(tls.minimumtls, ssl.TLSVersion.TLSv1_2)
+    try:
+        context.load_cert_chain(tls.certificate, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSSetupError(
+            f"http.tls.certificate/key: cannot load {tls.certificate}: {exc}") from None
+    for i, cafile in enumerate(tls.clientcas):
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSSetupError(f"http.tls.clientcas[{i}]: cannot load {cafile}: {exc}") from None
+    if tls.clientcas:
+        required = tls.clientauth == "require-and-verify-client-cert"
+        context.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
+    return context

@@ -10,11 +10,13 @@ Controllers raise :class:`mirror.errors.Unauthorized` carrying the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from mirror.auth.keys import TrustedKeys
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOKEN_PATH = "/token"
 UPSTREAM_RECHECK = 30.0  # seconds between attempts to learn upstream's token service
@@ -133,10 +136,12 @@ class TokenAccess:
         return self._upstream_service == self.token.service
 
     def realm(self, request: web.Request) -> str:
-        """The realm clients are sent to: the central one, or our relay."""
-        if self.settings.mirror.auth.token_proxy:
+        """The realm clients are sent to: the central one, our relay, or (distribution's
+        `autoredirect`) `autoredirectpath` on the base URL clients reach this node at."""
+        if self.settings.mirror.auth.token_proxy or self.token.autoredirect:
             base = external_base(request, self.settings.http.host, self.settings.mirror.trusted_proxies)
-            return base + TOKEN_PATH
+            return base + (TOKEN_PATH if self.settings.mirror.auth.token_proxy
+                           else self.token.autoredirectpath)
         return self.token.realm
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
@@ -145,7 +150,8 @@ class TokenAccess:
         error = None
         if raw:
             try:
-                claims = self.verifier.verify(raw)
+                claims = (self.verifier.cached(raw)
+                          or await verify_off_loop(self.verifier.verify, raw))
             except Exception as exc:  # noqa: BLE001 - InvalidToken; anything else is invalid too
                 reason = getattr(exc, "reason", str(exc))
                 error, claims = "invalid_token", None
@@ -159,6 +165,24 @@ class TokenAccess:
                                             challenge(realm, self.token.service, required, error)), required)
 
 
+_verify_pool: ThreadPoolExecutor | None = None
+VERIFY_THREADS = 2
+
+
+async def verify_off_loop(verify: Callable[[str], T], raw: str) -> T:
+    """Run a token verification in a small pool of its own, off the event loop.
+
+    Signature checks are CPU work; on the loop, a burst of hostile tokens
+    would stall every pull. Its own pool (not the default executor, which
+    file I/O uses) keeps such a burst from delaying anything but other
+    token checks; valid tokens are then cached per hash.
+    """
+    global _verify_pool
+    if _verify_pool is None:
+        _verify_pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="token-verify")
+    return await asyncio.get_running_loop().run_in_executor(_verify_pool, verify, raw)
+
+
 class HtpasswdAccess:
     """distribution's `auth.htpasswd`: Basic credentials checked against bcrypt entries."""
 
@@ -169,8 +193,9 @@ class HtpasswdAccess:
         self.htpasswd = HtpasswdAuth(settings.auth.htpasswd.realm, settings.auth.htpasswd.path)
 
     def reload(self) -> None:
-        """Re-read the htpasswd file (SIGHUP)."""
+        """Re-read the htpasswd file (SIGHUP); a bad file keeps the old entries."""
         self.htpasswd.reload()
+        log.info("htpasswd reloaded")
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
         try:
@@ -180,15 +205,27 @@ class HtpasswdAccess:
         return None
 
 
-def install_reload(controller: object) -> None:
-    """Reload keys on SIGHUP, as distribution's operators expect."""
-    reload = getattr(controller, "reload", None)
-    if reload is None:
-        return
-    try:
-        import asyncio
+def install_reload(*reloadables: object) -> None:
+    """Make SIGHUP reload what is reloadable (keys, htpasswd) and be harmless otherwise.
 
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    Installed in every configuration: systemd's `ExecReload` sends SIGHUP, and
+    without a handler its default action kills the node. A reload that fails
+    is logged and the old state kept; it never stops the serving.
+    """
+    targets = [reload for reload in (getattr(r, "reload", None) for r in reloadables)
+               if callable(reload)]
+
+    def on_sighup() -> None:
+        if not targets:
+            log.info("SIGHUP: nothing to reload in this configuration")
+        for reload in targets:
+            try:
+                reload()
+            except Exception as exc:  # noqa: BLE001 - a reload never stops the serving
+                log.error("SIGHUP: reload failed, keeping the old state: %s", exc)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     except (RuntimeError, NotImplementedError, ValueError):
         log.debug("SIGHUP reload not available here")
 

@@ -8,10 +8,21 @@ the token's `exp` (read, not trusted) or a short bound; negative verdicts
 briefly too. Garbage is refused before it costs a HEAD, identical checks are
 coalesced, and verification HEADs are rate-limited. With upstream unreachable
 and no cached verdict, access is denied.
+
+Forged tokens cannot lock honest clients out. A token whose header names its
+key (`x5c` leaf or `jwk`, as Docker Hub's and distribution's token services
+send) has its signature checked with that key first: a token with edited
+claims or a made-up signature is refused at once, costing nothing upstream.
+Keys upstream has accepted a token from (and the key of an anonymous token
+fetched from upstream's own realm at the first need) are "vouched": tokens
+they signed draw on a generous budget of their own. Everything else (tokens
+naming their key by `kid` only, keys never seen) shares the small budget, so
+a flood of self-signed tokens spends only that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -20,25 +31,32 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import httpx
 from aiohttp import web
 
 from mirror import errors
 from mirror.auth import access as auth_access
 from mirror.auth.access import Access
 from mirror.auth.challenge import bearer_token, challenge
-from mirror.auth.controller import deny
+from mirror.auth.controller import deny, verify_off_loop
 from mirror.proxy.singleflight import SingleFlight
 from mirror.upstream.auth import Challenge
 from mirror.upstream.client import Upstream
 from mirror.upstream.credential import Credential
+from mirror.upstream.tls import verify_setting
 
 log = logging.getLogger(__name__)
 
 ALLOW_FOR = 300.0  # longest a positive verdict is trusted
 DENY_FOR = 30.0  # how long a negative verdict is remembered
 MAX_VERDICTS = 50_000
-HEADS_PER_SECOND = 10.0
+HEADS_PER_SECOND = 10.0  # checks of tokens no vouched key signed
 HEAD_BURST = 20.0
+VOUCHED_HEADS_PER_SECOND = 100.0  # checks of tokens signed by a vouched key
+VOUCHED_HEAD_BURST = 400.0  # hundreds of machines starting with fresh tokens
+MAX_VOUCHED_KEYS = 64
+LEARN_EVERY = 60.0  # seconds between attempts to learn the issuer's key from its realm
+LEARN_TIMEOUT = 5.0
 LEEWAY = 60.0
 
 
@@ -83,6 +101,10 @@ class ForwardAccess:
         self.verdicts: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
         self._flight: SingleFlight[bool] = SingleFlight()
         self._bucket = _Bucket(HEADS_PER_SECOND, HEAD_BURST)
+        self._vouched_bucket = _Bucket(VOUCHED_HEADS_PER_SECOND, VOUCHED_HEAD_BURST)
+        self.vouched: OrderedDict[bytes, None] = OrderedDict()
+        self._learning: asyncio.Task[None] | None = None
+        self._learned_at = -LEARN_EVERY
         self.heads = 0
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
@@ -97,18 +119,73 @@ class ForwardAccess:
             raw = bearer_token(authorization)
         if raw is None:
             raise self._deny(None, required, upstream_challenge, "no credentials")
+        signer: bytes | None = None
         if upstream_challenge.scheme != "basic":
             claims = token_claims(raw) or {}
             if not self._plausible(claims, upstream_challenge.params.get("service", "")):
                 raise self._deny("invalid_token", required, upstream_challenge, "not a usable token")
         key = (hashlib.sha256(raw.encode()).hexdigest(), required[0].name if required else "")
         allowed = self._cached(key)
+        if allowed is None and upstream_challenge.scheme != "basic":
+            signer = await self._signer(raw, required, upstream_challenge)
         if allowed is None:
-            allowed = await self._flight.run(key, lambda: self._verify(key, request.rel_url.raw_path,
-                                                                       authorization, claims))
+            path = request.rel_url.raw_path
+            allowed = await self._flight.run(
+                key, lambda: self._verify(key, path, authorization, claims, signer))
         if not allowed:
             raise self._deny("insufficient_scope", required, upstream_challenge, "upstream refused the token")
         return authorization
+
+    async def _signer(self, raw: str, required: Sequence[Access],
+                      upstream_challenge: Challenge) -> bytes | None:
+        """The key the token names, its signature checked; a forgery is refused here."""
+        from mirror.auth.token import InvalidToken, named_signer
+
+        try:
+            signer = await verify_off_loop(named_signer, raw)
+        except InvalidToken as exc:
+            raise self._deny("invalid_token", required, upstream_challenge, exc.reason) from None
+        if signer is not None and not self.vouched:
+            await self._learn_issuer_key(upstream_challenge)
+        return signer
+
+    def _vouch(self, signer: bytes) -> None:
+        self.vouched[signer] = None
+        self.vouched.move_to_end(signer)
+        while len(self.vouched) > MAX_VOUCHED_KEYS:
+            self.vouched.popitem(last=False)
+
+    async def _learn_issuer_key(self, upstream_challenge: Challenge) -> None:
+        """Vouch for the key of an anonymous token from upstream's own realm (at most once a
+        minute, shared by concurrent callers), so the first honest tokens after a start never
+        wait behind forged ones."""
+        if self._learning is None or self._learning.done():
+            if time.monotonic() - self._learned_at < LEARN_EVERY:
+                return
+            self._learned_at = time.monotonic()
+            self._learning = asyncio.create_task(self._fetch_issuer_key(upstream_challenge.params))
+        await asyncio.shield(self._learning)
+
+    async def _fetch_issuer_key(self, params: dict[str, str]) -> None:
+        from mirror.auth.token import InvalidToken, named_signer
+
+        realm, service = params.get("realm", ""), params.get("service", "")
+        if not realm.lower().startswith(("https://", "http://")):
+            return
+        try:
+            async with asyncio.timeout(LEARN_TIMEOUT), httpx.AsyncClient(
+                    timeout=LEARN_TIMEOUT, trust_env=False, verify=verify_setting()) as client:
+                response = await client.get(realm, params={"service": service} if service else None)
+                response.raise_for_status()
+                body = response.json()
+            token = body.get("token") or body.get("access_token")
+            signer = await verify_off_loop(named_signer, token)
+        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError, InvalidToken) as exc:
+            log.info("upstream's token signing key not learned from %s: %s", realm, exc)
+            return
+        if signer is not None:
+            self._vouch(signer)
+            log.info("upstream's token signing key learned from %s", realm)
 
     @staticmethod
     def _plausible(claims: dict[str, object], service: str) -> bool:
@@ -132,8 +209,9 @@ class ForwardAccess:
         return entry[0]
 
     async def _verify(self, key: tuple[str, str], path: str, authorization: str | None,
-                      claims: dict[str, object]) -> bool:
-        if not self._bucket.take():
+                      claims: dict[str, object], signer: bytes | None = None) -> bool:
+        vouched = signer is not None and signer in self.vouched
+        if not (self._vouched_bucket if vouched else self._bucket).take():
             raise errors.TooManyRequests("token verifications are rate-limited", headers={"Retry-After": "1"})
         self.heads += 1
         try:
@@ -147,6 +225,8 @@ class ForwardAccess:
         # 404: the token was accepted, the content is just not there; 405: distribution
         # answers HEAD on tags/list and _catalog with 405 after checking the token.
         allowed = status < 400 or status in (404, 405)
+        if allowed and signer is not None:
+            self._vouch(signer)  # upstream accepts this key's tokens: its next ones are known
         exp = claims.get("exp")
         lifetime = ALLOW_FOR if allowed else DENY_FOR
         if allowed and isinstance(exp, int | float):

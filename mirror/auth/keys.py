@@ -259,6 +259,10 @@ def _load_jwks(path: Path) -> list[tuple[str | None, PublicKey]]:
 #: Longest x5c chain considered (leaf + intermediates); real ones have 1-3.
 MAX_CHAIN_LENGTH = 8
 
+#: Signature checks one chain may cost, as Go's verifier bounds them
+#: (``maxChainSignatureChecks``); a real chain of 3 needs at most a handful.
+MAX_SIGNATURE_CHECKS = 32
+
 _WEAK_HASHES = ("md5", "sha1")
 
 
@@ -267,7 +271,10 @@ class ChainError(ValueError):
 
 
 def verify_chain(
-    chain: Sequence[x509.Certificate], trusted: TrustedKeys, now: datetime
+    chain: Sequence[x509.Certificate],
+    trusted: TrustedKeys,
+    now: datetime,
+    max_checks: int = MAX_SIGNATURE_CHECKS,
 ) -> PublicKey:
     """Verify ``chain`` (leaf first) up to a bundle certificate; return the leaf key.
 
@@ -277,9 +284,16 @@ def verify_chain(
     basicConstraints CA with certSign usage if keyUsage is present), within
     path-length limits, every certificate valid at ``now``.
 
+    The search is bounded as Go's is: at most ``max_checks`` signature
+    checks, each (child, parent) pair checked at most once, no key twice in a
+    path, and the first complete path ends it. So a hostile ``x5c`` (say
+    eight CA certificates sharing one key and subject, each an apparent
+    issuer of every other) costs a few checks, not every ordering.
+
     ``cryptography.x509.verification`` is not used: it enforces the CA/B web
-    PKI profile and rejects the plain self-signed certificates (``openssl
-    req -x509``, CA:TRUE) that auth services commonly sign with.
+    PKI profile (its extension policies can relax much of it, but not the v1
+    roots and extension-less certificates 2.8 accepts) and rejects the plain
+    self-signed certificates (``openssl req -x509``) auth services sign with.
     """
     if not chain or len(chain) > MAX_CHAIN_LENGTH:
         raise ChainError("empty or overlong certificate chain")
@@ -291,34 +305,72 @@ def verify_chain(
         raise ChainError(f"leaf certificate: {exc}") from None
     if leaf.public_bytes(serialization.Encoding.DER) in trusted.bundle_der:
         return key
-    if not _build_path([leaf], chain[1:], trusted, now):
-        raise ChainError(f"certificate chain for {leaf.subject.rfc4514_string()!r} is not trusted")
+    search = _PathSearch(chain[1:], trusted, now, max_checks)
+    if not search.complete([leaf], {_spki(leaf) or b""}):
+        raise ChainError(f"certificate chain for {leaf.subject.rfc4514_string()!r} is not trusted"
+                         + (" (signature-check budget spent)" if search.spent else ""))
     return key
 
 
-def _build_path(
-    path: list[x509.Certificate],
-    pool: Sequence[x509.Certificate],
-    trusted: TrustedKeys,
-    now: datetime,
-) -> bool:
-    """Depth-first search from ``path[-1]`` to a bundle cert through ``pool``."""
-    child, below = path[-1], len(path) - 1
-    for root in trusted.certificates:
-        if _issued_by(child, root, below) and _valid_at(root, now):
+def _spki(cert: x509.Certificate) -> bytes | None:
+    """The certificate's DER SubjectPublicKeyInfo; None when its key cannot be read."""
+    try:
+        return cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except Exception:  # noqa: BLE001 - unsupported or malformed key: never a usable issuer
+        return None
+
+
+class _PathSearch:
+    """Depth-first search from a leaf to a bundle certificate, with a signature budget."""
+
+    def __init__(self, pool: Sequence[x509.Certificate], trusted: TrustedKeys, now: datetime,
+                 max_checks: int) -> None:
+        self.pool = [(c, spki) for c in pool
+                     if _usable_quietly(c, now) and (spki := _spki(c)) is not None]
+        self.roots = [r for r in trusted.certificates if _valid_at(r, now)]
+        self.left = max_checks
+        self.checks = 0
+        self.spent = False
+        self._verdicts: dict[tuple[int, int], bool] = {}
+
+    def complete(self, path: list[x509.Certificate], keys: frozenset[bytes] | set[bytes]) -> bool:
+        """True when ``path`` extends to a root; never tries a key already on the path."""
+        child, below = path[-1], len(path) - 1
+        if any(self._issued_by(child, root, below) for root in self.roots):
             return True
-    if len(path) >= MAX_CHAIN_LENGTH:
+        if len(path) >= MAX_CHAIN_LENGTH:
+            return False
+        for candidate, spki in self.pool:
+            if self.spent:
+                return False
+            if spki in keys or not self._issued_by(child, candidate, below):
+                continue
+            if self.complete([*path, candidate], keys | {spki}):
+                return True
         return False
-    for candidate in pool:
-        if any(candidate == seen for seen in path):
-            continue
-        if (
-            _issued_by(child, candidate, below)
-            and _usable_quietly(candidate, now)
-            and _build_path([*path, candidate], pool, trusted, now)
-        ):
-            return True
-    return False
+
+    def _issued_by(self, child: x509.Certificate, parent: x509.Certificate, below: int) -> bool:
+        """``_issued_by``, each pair's signature verified once and charged to the budget."""
+        if self.spent or not _may_sign_quietly(parent, below) or child.issuer != parent.subject:
+            return False  # no signature check needed to say no
+        pair = (id(child), id(parent))
+        if pair not in self._verdicts:
+            if self.left <= 0:
+                self.spent = True
+                return False
+            self.left -= 1
+            self.checks += 1
+            self._verdicts[pair] = _issued_by(child, parent, below)
+        return self._verdicts[pair]
+
+
+def _may_sign_quietly(parent: x509.Certificate, below: int) -> bool:
+    try:
+        return _may_sign(parent, below)
+    except ValueError:  # malformed extensions
+        return False
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate, intermediates_below: int) -> bool:

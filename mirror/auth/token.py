@@ -12,9 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import json
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +25,7 @@ from typing import Any
 
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .access import (
@@ -37,6 +41,7 @@ from .keys import (
     ChainError,
     PublicKey,
     TrustedKeys,
+    check_supported_key,
     libtrust_key_id,
     public_key_from_jwk,
     same_key,
@@ -57,6 +62,8 @@ __all__ = [
 
 #: Leeway applied to ``exp`` and ``nbf`` (distribution's ``token.Leeway``).
 DEFAULT_LEEWAY = 60.0
+#: Verified tokens remembered (by SHA-256), so a pull's many requests cost one verification.
+VERIFIED_CACHE_SIZE = 4096
 
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -135,6 +142,8 @@ class TokenVerifier:
         self.leeway = leeway
         self.max_token_size = max_token_size
         self.clock = clock
+        self._verified: OrderedDict[bytes, tuple[TrustedKeys, Claims]] = OrderedDict()
+        self._lock = threading.Lock()  # verify() runs in worker threads too
 
     def verify(self, raw: str) -> Claims:
         """Return the claims of a valid token; raise ``InvalidToken`` otherwise.
@@ -142,17 +151,53 @@ class TokenVerifier:
         Never raises anything else: a bug or an exotic input in a parser is
         still just an invalid token to the caller.
         """
+        cached = self.cached(raw)
+        if cached is not None:
+            return cached
+        keys = self.keys  # read once: a reload mid-verification never mixes key sets
         try:
-            return self._verify(raw)
+            claims = self._verify(raw, keys)
         except InvalidToken:
             raise
         except Exception as exc:  # noqa: BLE001 - see docstring
             raise InvalidToken(f"unverifiable token ({type(exc).__name__}: {exc})") from None
+        self._remember(raw, keys, claims)
+        return claims
+
+    def cached(self, raw: str) -> Claims | None:
+        """The claims of a token verified before against the current keys, still in its time window.
+
+        Cheap (one hash), so callers may try it on the event loop before
+        handing the real verification to a thread. A key reload forgets all.
+        """
+        if not isinstance(raw, str) or len(raw) > self.max_token_size:
+            return None
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).digest()
+        with self._lock:
+            entry = self._verified.get(digest)
+            if entry is None:
+                return None
+            keys, claims = entry
+            now = self.clock()
+            if keys is not self.keys or now > claims.expires_at + self.leeway:
+                del self._verified[digest]
+                return None
+            self._verified.move_to_end(digest)
+        if claims.not_before is not None and now < claims.not_before - self.leeway:
+            return None
+        return claims
+
+    def _remember(self, raw: str, keys: TrustedKeys, claims: Claims) -> None:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).digest()
+        with self._lock:
+            self._verified[digest] = (keys, claims)
+            while len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
 
     # -- steps, cheapest first ------------------------------------------------
 
-    def _verify(self, raw: str) -> Claims:
-        keys, now = self.keys, self.clock()
+    def _verify(self, raw: str, keys: TrustedKeys) -> Claims:
+        now = self.clock()
         header = self._parse_header(raw)
         alg = self._check_header(header)
         key = self._resolve_key(header, keys, now)
@@ -348,6 +393,47 @@ def _verified_payload(raw: str, key: PublicKey, alg: str) -> bytes:
     except jwt.PyJWTError as exc:
         raise InvalidToken(f"bad signature: {exc}") from None
     return decoded["payload"]
+
+
+def named_signer(raw: str, max_size: int = 8192) -> bytes | None:
+    """SHA-256 of the key a token's header names by itself (``x5c`` leaf or ``jwk``), after
+    checking the token's signature with that key; None when the header names none (``kid``).
+
+    Nothing here makes the key trusted: forward mode uses it to tell a token
+    signed by a key upstream has accepted before from a forgery (claims
+    edited, signature made up), which is refused without asking upstream.
+
+    Raises:
+        InvalidToken: malformed, or not signed by the key its header names.
+    """
+    if not isinstance(raw, str) or len(raw) > max_size:
+        raise InvalidToken("token missing or oversized")
+    parts = raw.split(".")
+    if len(parts) != 3 or not all(parts) or not all(map(_B64URL.fullmatch, parts)):
+        raise InvalidToken("malformed token: not three base64url parts")
+    header = _json_object(_b64url_decode(parts[0]), "header")
+    if "x5c" in header:
+        try:
+            key = check_supported_key(_parse_x5c(header["x5c"])[0].public_key())
+        except ValueError as exc:
+            raise InvalidToken(f"x5c leaf: {exc}") from None
+    elif "jwk" in header:
+        if not isinstance(header["jwk"], dict):
+            raise InvalidToken("jwk header is not an object")
+        try:
+            key = public_key_from_jwk(header["jwk"])
+        except ValueError as exc:
+            raise InvalidToken(f"jwk header: {exc}") from None
+    else:
+        return None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms_for_key(key):
+        raise InvalidToken(f"alg {alg!r} does not fit the key the header names")
+    _verified_payload(raw, key, alg)
+    return hashlib.sha256(key.public_bytes(*_SPKI)).digest()
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 # -- bearer auth helpers -----------------------------------------------------------

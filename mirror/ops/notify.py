@@ -24,8 +24,11 @@ mounts) is ignored; `target.url` is never used. Duplicate deliveries are
 harmless: work for one tag is coalesced and idempotent.
 
 Each received envelope is also forwarded, as received, to every
-`mirror.notify.forward_to` URL (edge zones), with this node's admin token
-as a bearer token when one is set. A hop counter header stops loops.
+`mirror.notify.forward_to` URL (edge zones), with this node's notify token
+(`mirror.notify.token`, which authorizes nothing but `/admin/notify`) as a
+bearer token when one is set; the admin token never leaves the node. Plain
+http targets are refused at start unless `allow_insecure_forward` says so.
+A hop counter header stops loops.
 """
 
 from __future__ import annotations
@@ -242,7 +245,7 @@ class Notifications:
                         self.forward_dropped)
 
     async def _forward_loop(self) -> None:
-        token = self.node.settings.mirror.admin.token
+        token = self.node.settings.mirror.notify.token  # never the admin token
         headers = {"Content-Type": "application/vnd.docker.distribution.events.v1+json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
