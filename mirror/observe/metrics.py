@@ -44,6 +44,16 @@ class Metrics:
         self.store_bytes = Gauge("mirror_store_bytes", "Bytes of objects in the store", registry=r)
         self.store_objects = Gauge("mirror_store_objects", "Objects in the store", registry=r)
         self.inflight = Gauge("mirror_inflight_fetches", "Blob fetches in progress", registry=r)
+        self.corrupt = Counter("mirror_corrupt_objects", "Stored objects found corrupt and quarantined, "
+                               "by what found them (serve: hashed while first served; scrub)",
+                               ["found_by"], registry=r)
+        self.scrub_objects = Counter("mirror_scrub_objects", "Objects re-hashed by the background scrub",
+                                     registry=r)
+        self.scrub_bytes = Counter("mirror_scrub_bytes", "Bytes re-hashed by the background scrub",
+                                   registry=r)
+        self.scrub_last_pass = Gauge("mirror_scrub_last_complete_pass_timestamp_seconds",
+                                     "When the background scrub last finished a pass over the whole store",
+                                     registry=r)
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""

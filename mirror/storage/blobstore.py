@@ -286,9 +286,17 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def quarantine(self, digest: Digest) -> bool:
-        """Move an object aside so it is never served again (and refetched)."""
+    def quarantine(self, digest: Digest, inode: int | None = None) -> bool:
+        """Move an object aside so it is never served again (and refetched).
+
+        Args:
+            inode: quarantine only this file: a check that read an object
+                which was meanwhile quarantined and refetched must not move
+                the good copy that replaced it.
+        """
         try:
+            if inode is not None and os.stat(self.path(digest)).st_ino != inode:
+                return False
             os.replace(self.path(digest), path_for(self.root, "quarantine", digest, secrets.token_hex(4)))
         except FileNotFoundError:
             return False
