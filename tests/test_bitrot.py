@@ -288,3 +288,12 @@ def test_case_table_is_complete() -> None:
     source = Path(__file__).read_text()
     for case_id in CASES:
         assert source.count(f'"{case_id}"') >= 2, case_id
+
+
+def test_verified_digests_are_bounded() -> None:
+    """The per-process set of verified digests forgets the oldest beyond its limit."""
+    integrity = scrub.Integrity(None, None, None, None, limit=2)  # type: ignore[arg-type]
+    digests = [Digest.parse(images.sha256_digest(bytes([i]))) for i in range(3)]
+    for digest in digests:
+        integrity.remember(digest)
+    assert [integrity.is_verified(d) for d in digests] == [False, True, True]

@@ -322,7 +322,11 @@ class BlobStore:
                         digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
                     except Exception:  # noqa: BLE001 - a stray file is not an object
                         continue
-                    yield digest, entry.stat().st_size
+                    try:
+                        size = entry.stat().st_size
+                    except FileNotFoundError:  # evicted or quarantined meanwhile
+                        continue
+                    yield digest, size
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         temp = path.with_name(f".{path.name}.{self.owner}.tmp")

@@ -14,6 +14,7 @@ the next request refetches it from upstream.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 VERIFIED_LIMIT = 100_000
 #: Bytes hashed per read; hashlib releases the GIL for buffers this large.
 HASH_CHUNK = 1024 * 1024
+#: Objects listed per step of a scrub pass.
+LIST_BATCH = 1000
 #: The scrub's extra pause while on-demand work (fetches, first-serve hashes) is running.
 YIELD_PAUSE = 0.2
 
@@ -176,11 +179,18 @@ class Scrubber:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def scrub_pass(self) -> None:
-        """Hash every object present when the pass started, at the paced rate."""
-        objects: list[tuple[Digest, int]] = await self._in_thread(lambda: list(self.store.iter_objects()))
-        rate = max(1.0, sum(size for _d, size in objects) / self.interval)  # bytes per second
-        for digest, _size in objects:
-            await self._scrub_object(digest, rate)
+        """Hash every object in the store, at the paced rate.
+
+        The listing is walked twice (the total sets the rate) and read in
+        batches in the thread, so a store of millions of objects is never
+        held in memory nor listed on the event loop.
+        """
+        total = await self._in_thread(lambda: sum(size for _d, size in self.store.iter_objects()))
+        rate = max(1.0, total / self.interval)  # bytes per second
+        objects = self.store.iter_objects()
+        while batch := await self._in_thread(lambda: list(itertools.islice(objects, LIST_BATCH))):
+            for digest, _size in batch:
+                await self._scrub_object(digest, rate)
         self.metrics.scrub_last_pass.set(time.time())
 
     async def _scrub_object(self, digest: Digest, rate: float) -> None:
