@@ -87,6 +87,8 @@ class SendfileResponse(web.StreamResponse):
             os.close(self._fd)
             if self._release is not None:
                 self._release()
+            if isinstance(self._verification, asyncio.Future):  # not awaited when the client left early
+                self._verification.add_done_callback(_retrieve)
 
     async def _verified(self) -> bool:
         assert self._verification is not None
@@ -126,6 +128,12 @@ class SendfileResponse(web.StreamResponse):
             raise errors.Unavailable("blob shorter than announced")
         await _unless_cut(super().write(data), transport)
         return len(data)
+
+
+def _retrieve(future: asyncio.Future[bool]) -> None:
+    """Consume a check's outcome nobody awaited (it settled the object itself)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _unless_cut(sending: Awaitable[T], transport: asyncio.BaseTransport) -> T:
