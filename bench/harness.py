@@ -24,6 +24,7 @@ import platform
 import random
 import re
 import shutil
+import socket
 import statistics
 import struct
 import subprocess
@@ -69,6 +70,7 @@ class Params:
     duration: float = 5.0
     blob_conns: int = 8  # figure 5
     blob_rounds: int = 2
+    first_serve_rounds: int = 5  # figure 7: node restarts, each a first serve then later serves
     big_size: int = 2 << 30  # figure 6
     big_clients: int = 4
     rate: float = 25e6  # 200 Mbit/s
@@ -79,7 +81,8 @@ class Params:
     def make(cls, quick: bool) -> Params:
         if quick:
             return cls(quick=True, blob_size=16 * MiB, layer_size=1 * MiB, pull_repeats=1,
-                       warmup=0.5, duration=2.0, blob_rounds=1, big_size=256 * MiB)
+                       warmup=0.5, duration=2.0, blob_rounds=1, big_size=256 * MiB,
+                       first_serve_rounds=3)
         return cls(quick=False, blob_size=64 * MiB)
 
 
@@ -598,6 +601,37 @@ class Bench:
             ratio=f"mirror/dist {m / d:.2f}" if d else "-",
             target=">= distribution", met=m >= d))
 
+    # -- figure 7
+    def fig7(self) -> None:
+        """The cost of hashing a stored blob on its first serve in a process (bit rot check).
+
+        Each round restarts the node (an empty set of verified digests), then
+        times one client's GET of a stored blob (hashed while sent, the tail
+        held back until it matched) and then later GETs (plain sendfile). The
+        blob is in the page cache for both, so the difference is the hash.
+        """
+        p = self.p
+        path = f"/v2/{BLOB_REPO}/blobs/{self.c.blob1}"
+        timed_get(self.mirror.url, path, p.blob_size)  # stored (if figure 1 did not run)
+        self.relay_m.wait_idle(timeout=120)
+        firsts, laters = [], []
+        for rnd in range(p.first_serve_rounds):
+            self.mirror.restart()
+            firsts.append(timed_get(self.mirror.url, path, p.blob_size))
+            laters.append(max(timed_get(self.mirror.url, path, p.blob_size) for _ in range(3)))
+            progress(f"   round {rnd + 1}: first serve {firsts[-1] / 1e6:.0f} MB/s, "
+                     f"later {laters[-1] / 1e6:.0f} MB/s")
+        first, later = statistics.median(firsts), statistics.median(laters)
+        self.notes.append(
+            "fig 7: first serve rounds " + ", ".join(f"{b / 1e6:.0f}" for b in firsts)
+            + " MB/s; later (best of 3 per round) " + ", ".join(f"{b / 1e6:.0f}" for b in laters)
+            + " MB/s; one client in the bench process reading into a 1 MiB buffer")
+        self.rows.append(Row(
+            f"7. warm blob, one client, {fmt_size(p.blob_size)}: first serve after a start (hashed while "
+            f"sent) vs later serves (verified), MB/s, median of {p.first_serve_rounds} restarts",
+            mirror=f"first {first / 1e6:.0f} MB/s, later {later / 1e6:.0f} MB/s",
+            ratio=f"first/later {first / later:.2f}", target="stated (cost of the bit-rot check)"))
+
     # -- figure 6
     def fig6(self) -> None:
         p = self.p
@@ -652,6 +686,30 @@ class Bench:
             tail = rec[-1].strip() if len(rec) > 1 else ""
             uniq[(head[:200] + (f" -> {tail[:200]}" if tail else ""))] += 1
         return [f"{n}x {k}" for k, n in uniq.most_common(20)]
+
+
+def timed_get(base: str, path: str, size: int) -> float:
+    """Bytes per second of one GET of a `size`-byte body over a fresh connection."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    buf = bytearray(MiB)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        started = time.monotonic()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"GET {path}: closed before headers")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"GET {path}: {head[:40]!r}")
+        got = len(head) - head.index(b"\r\n\r\n") - 4
+        while got < size:
+            n = sock.recv_into(buf)
+            if not n:
+                raise RuntimeError(f"GET {path}: {got} of {size} bytes, then closed")
+            got += n
+        return size / (time.monotonic() - started)
 
 
 def git_state() -> str:
@@ -710,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
     ap.add_argument("--load-procs", type=int, default=None,
                     help="load generator processes for fig 4 (default 2)")
-    ap.add_argument("--only", default="123456", help="figures to run, e.g. 14 (default all)")
+    ap.add_argument("--only", default="1234567", help="figures to run, e.g. 14 (default all)")
     args = ap.parse_args(argv)
     p = Params.make(args.quick)
     if args.load_procs:
@@ -724,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                    "3": ("figure 3: cold pull vs direct", b.fig3),
                    "4": ("figure 4: warm manifests req/s", b.fig4),
                    "5": ("figure 5: warm blob MB/s", b.fig5),
-                   "6": ("figure 6: peak RSS on a cold big blob", b.fig6)}
+                   "6": ("figure 6: peak RSS on a cold big blob", b.fig6),
+                   "7": ("figure 7: warm blob MB/s, first serve (hashed) vs later", b.fig7)}
         for k, (name, fn) in figures.items():
             if k in args.only:
                 b.run_figure(name, fn)

@@ -51,6 +51,7 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       prefetch: {rules: [], keep_fresh: 0, interval: 10m}   # rules are glob strings
       client_idle_timeout: 60s
       manifest_max_size: 4MiB
+      scrub: {interval: 168h}  # re-hash the whole store once per interval, paced; 0 = off
 
 Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
 Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
@@ -94,6 +95,7 @@ __all__ = [
     "NotificationEndpoint",
     "NotifySettings",
     "PrefetchSettings",
+    "ScrubSettings",
     "ProxySettings",
     "Settings",
     "StorageSettings",
@@ -477,6 +479,11 @@ class PrefetchSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ScrubSettings:
+    interval: float = 7 * 86400.0  # seconds for one paced pass over the whole store; 0 = off
+
+
+@dataclass(frozen=True, slots=True)
 class MirrorSettings:
     tag_ttl: float = 60.0  # seconds a cached tag is trusted without asking upstream
     tag_max_stale: float = 7 * 86400.0  # seconds a cached tag may be served while upstream fails
@@ -492,6 +499,7 @@ class MirrorSettings:
     prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
     client_idle_timeout: float = 60.0  # seconds
     manifest_max_size: int = 4 * MiB  # bytes
+    scrub: ScrubSettings = field(default_factory=ScrubSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,6 +618,7 @@ _PREFETCH_FIELDS = {
     "keep_fresh": _non_negative_int,
     "interval": _positive_duration,
 }
+_SCRUB_FIELDS = {"interval": parse_duration}
 _MIRROR_FIELDS = {
     "tag_ttl": parse_duration,
     "tag_max_stale": parse_duration,
@@ -665,6 +674,7 @@ def _mirror_schema() -> dict[str, Any]:
         "admin": _uses(*_ADMIN_FIELDS),
         "notify": _uses(*_NOTIFY_FIELDS),
         "prefetch": _uses(*_PREFETCH_FIELDS),
+        "scrub": _uses(*_SCRUB_FIELDS),
     }
 
 
@@ -1114,6 +1124,7 @@ def _mirror(root: _Section) -> MirrorSettings:
         admin=mirror.sub("admin").build(AdminSettings, _ADMIN_FIELDS),
         notify=_notify(mirror.sub("notify"), mirror.sub("admin")),
         prefetch=mirror.sub("prefetch").build(PrefetchSettings, _PREFETCH_FIELDS),
+        scrub=mirror.sub("scrub").build(ScrubSettings, _SCRUB_FIELDS),
     )
 
 

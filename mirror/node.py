@@ -20,6 +20,7 @@ from mirror.proxy.uploads import Uploads
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
 from mirror.storage.quota import Quota
+from mirror.storage.scrub import Integrity, Scrubber
 from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Node:
     uploads: Uploads
     ops: Operations = field(init=False, repr=False)  # prewarm, notifications, keep-fresh
     quota: Quota = field(init=False, repr=False)  # disk quota, eviction, pins, open readers
+    integrity: Integrity = field(init=False, repr=False)  # objects hashed on first serve, corrupt ones
+    scrubber: Scrubber = field(init=False, repr=False)  # the paced background re-hash of the store
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -83,6 +86,10 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
                 access, metrics, Uploads(store, executor))
     node.quota = quota
+    node.integrity = Integrity(store, metadata, executor, metrics)
+    node.scrubber = Scrubber(store, node.integrity, metrics, mirror.scrub.interval,
+                             busy=lambda: node.integrity.busy or bool(blobs.fetcher.inflight))
+    node.scrubber.start()
     node.ops = Operations(node)
     node.ops.start()
     return node
@@ -91,6 +98,7 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
 async def close_node(node: Node) -> None:
     """Stop fetches, close the pool, flush metadata, release the store."""
     await node.ops.close()
+    await node.scrubber.close()
     await node.fetcher.close()
     await node.quota.close()
     await node.upstream.aclose()

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.api.ranges import parse_range
-from mirror.api.responses import SendfileResponse, stream_fetch
+from mirror.api.responses import HOLD_BACK, SendfileResponse, stream_fetch
 from mirror.node import Node
 from mirror.proxy.blobs import BlobSource
 from mirror.proxy.tags import paginate
@@ -146,6 +146,8 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
             response.content_length = source.size
         return response
     source = await node.blobs.open(repo, digest, _credential(request))
+    if source.fd is not None and not await _verified_first(request, node, source):
+        source = await node.blobs.open(repo, digest, _credential(request))  # quarantined: refetch
     request[CACHE_OUTCOME] = source.cache
     if source.fetch is not None and "Range" in request.headers:
         source = await _after_commit(node, repo, source, _credential(request))
@@ -157,10 +159,11 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
         response.content_length = source.size
     release = node.quota.hold(digest)
     try:
-        return await stream_fetch(request, response, source.fetch, node.store, node.executor,
-                                  node.settings.mirror.client_idle_timeout)
+        return await stream_fetch(request, response, source.fetch, node.store, node.executor)
     finally:
         release()
+        if source.fetch.committed:  # hashed as it was written: its first stored serve needs no hash
+            node.integrity.remember(digest)
 
 
 async def _after_commit(node: Node, repo: str, source: BlobSource, credential: Credential) -> BlobSource:
@@ -176,6 +179,34 @@ async def _after_commit(node: Node, repo: str, source: BlobSource, credential: C
     return await node.blobs.open(repo, source.digest, credential)
 
 
+async def _verified_first(request: web.Request, node: Node, source: BlobSource) -> bool:
+    """Hash a stored blob before sending when a mismatch could still be hidden.
+
+    The first time this process serves an object it hashes it (bit rot keeps
+    size and mtime). A range, or a blob of at most `HOLD_BACK` bytes, is
+    hashed whole before anything is sent, so a corrupt one is quarantined and
+    refetched within the same request; a larger whole blob is hashed while it
+    is sent (`SendfileResponse`). Ranges of a large unverified blob therefore
+    wait for one full hash (about a second per GB), once per process.
+
+    Returns:
+        False when the object was corrupt: it is quarantined, `source.fd` closed.
+    """
+    assert source.fd is not None and source.size is not None
+    if node.integrity.is_verified(source.digest):
+        return True
+    if "Range" not in request.headers and source.size > HOLD_BACK:
+        return True  # verified while sent
+    try:
+        matches = await node.integrity.check(source.digest, source.fd)
+    except BaseException:
+        os.close(source.fd)
+        raise
+    if not matches:
+        os.close(source.fd)
+    return matches
+
+
 def _send_stored(request: web.Request, source: BlobSource, release: Callable[[], None]) -> web.StreamResponse:
     assert source.fd is not None and source.size is not None
     headers = _blob_headers(source.digest)
@@ -185,11 +216,14 @@ def _send_stored(request: web.Request, source: BlobSource, release: Callable[[],
         os.close(source.fd)
         release()
         raise
-    idle = _node(request).settings.mirror.client_idle_timeout  # a client that stops reading is cut
+    integrity = _node(request).integrity
     if byte_range is None:
-        return SendfileResponse(source.fd, 0, source.size, release, idle, headers=headers)
+        verification = None
+        if not integrity.is_verified(source.digest):  # first serve here: hashed while sent
+            verification = integrity.check(source.digest, source.fd)
+        return SendfileResponse(source.fd, 0, source.size, release, verification, headers=headers)
     headers["Content-Range"] = byte_range.content_range(source.size)
-    return SendfileResponse(source.fd, byte_range.start, byte_range.length, release, idle, status=206,
+    return SendfileResponse(source.fd, byte_range.start, byte_range.length, release, status=206,
                             headers=headers)
 
 

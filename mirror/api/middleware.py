@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
 
 from mirror import errors
-from mirror.api import handlers, routes, writes
+from mirror.api import handlers, routes, stalls, writes
 from mirror.auth.controller import required_access
 from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName, parse_reference
@@ -107,6 +107,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     route = routes.match(request.rel_url.raw_path)
     request[handlers.ROUTE_NAME] = route.name
     node = request.app[handlers.NODE]
+    stalls.watch(request, node.settings.mirror.client_idle_timeout)  # a client that takes nothing is cut
     allowed = routes.READ_METHODS[route.name]
     if node.settings.mirror.passthrough_writes:
         allowed = allowed | writes.WRITE_METHODS.get(route.name, set())

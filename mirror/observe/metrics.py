@@ -56,6 +56,16 @@ class Metrics:
                                   ["level"], registry=r)
         self.disk_bytes = Gauge("mirror_disk_bytes", "The store's file system (kind: total, free)", ["kind"],
                                 registry=r)
+        self.corrupt = Counter("mirror_corrupt_objects", "Stored objects found corrupt and quarantined, "
+                               "by what found them (serve: hashed while first served; scrub)",
+                               ["found_by"], registry=r)
+        self.scrub_objects = Counter("mirror_scrub_objects", "Objects re-hashed by the background scrub",
+                                     registry=r)
+        self.scrub_bytes = Counter("mirror_scrub_bytes", "Bytes re-hashed by the background scrub",
+                                   registry=r)
+        self.scrub_last_pass = Gauge("mirror_scrub_last_complete_pass_timestamp_seconds",
+                                     "When the background scrub last finished a pass over the whole store",
+                                     registry=r)
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""

@@ -286,9 +286,17 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def quarantine(self, digest: Digest) -> bool:
-        """Move an object aside so it is never served again (and refetched)."""
+    def quarantine(self, digest: Digest, inode: int | None = None) -> bool:
+        """Move an object aside so it is never served again (and refetched).
+
+        Args:
+            inode: quarantine only this file: a check that read an object
+                which was meanwhile quarantined and refetched must not move
+                the good copy that replaced it.
+        """
         try:
+            if inode is not None and os.stat(self.path(digest)).st_ino != inode:
+                return False
             os.replace(self.path(digest), path_for(self.root, "quarantine", digest, secrets.token_hex(4)))
         except FileNotFoundError:
             return False
@@ -314,7 +322,11 @@ class BlobStore:
                         digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
                     except Exception:  # noqa: BLE001 - a stray file is not an object
                         continue
-                    yield digest, entry.stat().st_size
+                    try:
+                        size = entry.stat().st_size
+                    except FileNotFoundError:  # evicted or quarantined meanwhile
+                        continue
+                    yield digest, size
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         temp = path.with_name(f".{path.name}.{self.owner}.tmp")
