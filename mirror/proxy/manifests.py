@@ -5,7 +5,13 @@ within `mirror.tag_ttl`; after it, one coalesced `HEAD` upstream revalidates
 it however many requests arrive meanwhile, and a GET follows only when the
 digest moved. When upstream is unreachable, slow, or answers 5xx/429, the
 cached tag is served stale (logged) up to `mirror.tag_max_stale`; after a
-401, 403 or 404 it is dropped and never served stale.
+401, 403 or 404 it is dropped and never served stale. Stale means at once:
+the first failed attempt answers every waiting request with the cached tag,
+and the revalidation's retries go on in the background (requests meanwhile
+are answered stale without waiting for them).
+
+A client waits for upstream at most `mirror.upstream.read_timeout`
+(:mod:`mirror.proxy.waits`); the fetch it waited for goes on without it.
 
 Negotiation is local, per request, over one object per digest and one
 tag -> (digest, media type) per repository, as distribution does it.
@@ -16,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +31,14 @@ from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
+from mirror.proxy.waits import within
 from mirror.registry import manifest as manifests
 from mirror.registry import mediatypes
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Reference, Tag
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata, TagRecord
-from mirror.upstream.client import Upstream
+from mirror.upstream.client import Upstream, retry_observer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,8 @@ class Manifests:
         self.tag_max_stale = tag_max_stale
         self.max_size = max_size
         self._flight: SingleFlight[Any] = SingleFlight()
+        self._failing: dict[tuple[str, str, str], asyncio.Event] = {}  # revalidations that failed once
+        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
         self.metrics: Metrics | None = None
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -110,8 +119,9 @@ class Manifests:
         if local is not None:
             return local
         self.negative.check(("manifest", repo, digest))
-        return await self._flight.run(("get", repo, str(digest)),
-                                      lambda: self._fetch(repo, str(digest), authorization))
+        return await within(self._flight.run(("get", repo, str(digest)),
+                                             lambda: self._fetch(repo, str(digest), authorization)),
+                            self.wait_bound)
 
     async def _load(self, repo: str, digest: Digest, *, linked_only: bool = True) -> ManifestResult | None:
         """Read a stored manifest, re-hashing it on every read (bit rot)."""
@@ -157,8 +167,9 @@ class Manifests:
         record = await self.metadata.get_tag(repo, tag)
         if record is None:
             self.negative.check(("tag", repo, tag))
-            result = await self._flight.run(("tag", repo, tag), lambda: self._fetch_tag(repo, tag, authorization))
-            return result
+            return await within(self._flight.run(("tag", repo, tag),
+                                                 lambda: self._fetch_tag(repo, tag, authorization)),
+                                self.wait_bound)
         cache = "hit"
         if time.time() - record.fetched_at >= self.tag_ttl:
             record, cache = await self._revalidated(repo, tag, record, authorization)
@@ -179,34 +190,81 @@ class Manifests:
                            authorization: str | None) -> tuple[TagRecord, str]:
         """The tag after one coalesced revalidation, or stale when allowed.
 
+        Within the stale window a request waits for the revalidation's first
+        attempt only (at most STALE_WAIT); its retries run on in the
+        background. Past the window there is nothing to serve instead, so the
+        request waits for the retries, up to the client's bound.
+
         Returns:
             The record to serve, and the cache outcome (`revalidated`/`stale`).
         """
-        work = self._flight.run(("head", repo, tag), lambda: self._revalidate(repo, tag, record, authorization))
+        key = ("head", repo, tag)
+        stale_ok = time.time() - record.fetched_at <= self.tag_ttl + self.tag_max_stale
+        task = self._flight.start(key, lambda: self._start_revalidation(key, record, authorization))
         try:
-            return await asyncio.wait_for(work, STALE_WAIT), "revalidated"
-        except REVOKED:
-            await self.metadata.delete_tag(repo, tag)
-            raise
+            if stale_ok:
+                return await self._first_outcome(task, self._failing.get(key)), "revalidated"
+            return await within(asyncio.shield(task), self.wait_bound), "revalidated"
         except (*TRANSIENT, TimeoutError) as exc:
-            if time.time() - record.fetched_at > self.tag_ttl + self.tag_max_stale:
+            if not stale_ok:
                 raise
             log.warning("serving stale tag %s:%s (%s)", repo, tag, getattr(exc, "code", "slow upstream"))
             if self.metrics is not None:
                 self.metrics.stale_tags.inc()
             return record, "stale"
 
-    async def _revalidate(self, repo: str, tag: str, record: TagRecord,
-                          authorization: str | None) -> TagRecord:
-        head = await self.upstream.head_manifest(repo, tag, authorization)
-        confirmed = time.time() - head.age
-        if head.digest != record.digest:
-            fetched = await self.by_digest(repo, head.digest, authorization)
-            record = TagRecord(fetched.digest, fetched.media_type, confirmed)
-        else:
-            record = TagRecord(record.digest, record.media_type, confirmed)
-        await self.metadata.put_tag(repo, tag, record)
-        return record
+    def _start_revalidation(self, key: tuple[str, str, str], record: TagRecord,
+                            authorization: str | None) -> Awaitable[TagRecord]:
+        """Begin the shared revalidation, with the signal its first failure sets."""
+        failed = self._failing[key] = asyncio.Event()
+        return self._revalidate(key, record, authorization, failed)
+
+    @staticmethod
+    async def _first_outcome(task: asyncio.Future[TagRecord], failed: asyncio.Event | None) -> TagRecord:
+        """The revalidated record, or an error as soon as one attempt failed.
+
+        Raises:
+            Unavailable: an attempt failed and the retries go on without us.
+            TimeoutError: no outcome within STALE_WAIT (a slow upstream).
+        """
+        joined = asyncio.shield(task)  # cancelling the join leaves the work running
+        signal = asyncio.ensure_future(failed.wait()) if failed is not None else None
+        try:
+            waits = {joined} if signal is None else {joined, signal}
+            done, _ = await asyncio.wait(waits, timeout=STALE_WAIT, return_when=asyncio.FIRST_COMPLETED)
+            if joined in done:
+                return joined.result()
+            if signal is not None and signal in done:
+                raise errors.Unavailable("upstream failed; revalidation retries in the background")
+            raise TimeoutError
+        finally:
+            for waiter in (joined, signal):
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+
+    async def _revalidate(self, key: tuple[str, str, str], record: TagRecord, authorization: str | None,
+                          failed: asyncio.Event) -> TagRecord:
+        _, repo, tag = key
+        observing = retry_observer.set(lambda _exc: failed.set())  # this task only (its own context)
+        try:
+            try:
+                head = await self.upstream.head_manifest(repo, tag, authorization)
+            finally:
+                retry_observer.reset(observing)
+            confirmed = time.time() - head.age
+            if head.digest != record.digest:
+                fetched = await self.by_digest(repo, head.digest, authorization)
+                record = TagRecord(fetched.digest, fetched.media_type, confirmed)
+            else:
+                record = TagRecord(record.digest, record.media_type, confirmed)
+            await self.metadata.put_tag(repo, tag, record)
+            return record
+        except REVOKED:
+            await self.metadata.delete_tag(repo, tag)  # also when no client waits any more
+            raise
+        finally:
+            if self._failing.get(key) is failed:
+                del self._failing[key]
 
     async def set_tag(self, repo: str, tag: str, digest: Digest, media_type: str) -> None:
         """Point a tag now (a push through this node, a notification)."""
