@@ -178,14 +178,6 @@ class Upstream:
         """The upstream URL of a registry resource."""
         return f"{self.base_url}/v2/{repo}/{kind}/{reference}"
 
-    async def ping(self) -> bool:
-        """True when upstream answers `/v2/` at all (any status)."""
-        try:
-            response = await self._client.get(f"{self.base_url}/v2/", auth=None)
-        except httpx.HTTPError:
-            return False
-        return response.status_code < 500
-
     async def _probe_link(self) -> None:
         """`GET /v2/` with a short timeout, for readiness (the transport records the outcome)."""
         await self._client.get(f"{self.base_url}/v2/", auth=None, timeout=PROBE_TIMEOUT)

@@ -89,6 +89,8 @@ class HealthTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
             response = await self.inner.handle_async_request(request)
+        except httpx.PoolTimeout:
+            raise  # the node's own connection pool was busy: says nothing of the link
         except httpx.TransportError as exc:
             self.health.failed(f"{type(exc).__name__} on {request.method} {request.url.path}")
             raise
