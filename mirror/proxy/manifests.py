@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +31,14 @@ from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
-from mirror.proxy.waits import within
+from mirror.proxy.waits import Refreshes, within
 from mirror.registry import manifest as manifests
 from mirror.registry import mediatypes
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Reference, Tag
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata, TagRecord
-from mirror.upstream.client import Upstream, retry_observer
+from mirror.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Manifests:
         self.tag_max_stale = tag_max_stale
         self.max_size = max_size
         self._flight: SingleFlight[Any] = SingleFlight()
-        self._failing: dict[tuple[str, str, str], asyncio.Event] = {}  # revalidations that failed once
+        self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
         self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
         self.metrics: Metrics | None = None
 
@@ -198,13 +198,12 @@ class Manifests:
         Returns:
             The record to serve, and the cache outcome (`revalidated`/`stale`).
         """
-        key = ("head", repo, tag)
         stale_ok = time.time() - record.fetched_at <= self.tag_ttl + self.tag_max_stale
-        task = self._flight.start(key, lambda: self._start_revalidation(key, record, authorization))
         try:
-            if stale_ok:
-                return await self._first_outcome(task, self._failing.get(key)), "revalidated"
-            return await within(asyncio.shield(task), self.wait_bound), "revalidated"
+            revalidated = await self._refreshes.run(
+                ("head", repo, tag), lambda: self._revalidate(repo, tag, record, authorization),
+                fallback=stale_ok, patience=STALE_WAIT, bound=self.wait_bound)
+            return revalidated, "revalidated"
         except (*TRANSIENT, TimeoutError) as exc:
             if not stale_ok:
                 raise
@@ -213,58 +212,21 @@ class Manifests:
                 self.metrics.stale_tags.inc()
             return record, "stale"
 
-    def _start_revalidation(self, key: tuple[str, str, str], record: TagRecord,
-                            authorization: str | None) -> Awaitable[TagRecord]:
-        """Begin the shared revalidation, with the signal its first failure sets."""
-        failed = self._failing[key] = asyncio.Event()
-        return self._revalidate(key, record, authorization, failed)
-
-    @staticmethod
-    async def _first_outcome(task: asyncio.Future[TagRecord], failed: asyncio.Event | None) -> TagRecord:
-        """The revalidated record, or an error as soon as one attempt failed.
-
-        Raises:
-            Unavailable: an attempt failed and the retries go on without us.
-            TimeoutError: no outcome within STALE_WAIT (a slow upstream).
-        """
-        joined = asyncio.shield(task)  # cancelling the join leaves the work running
-        signal = asyncio.ensure_future(failed.wait()) if failed is not None else None
+    async def _revalidate(self, repo: str, tag: str, record: TagRecord,
+                          authorization: str | None) -> TagRecord:
         try:
-            waits = {joined} if signal is None else {joined, signal}
-            done, _ = await asyncio.wait(waits, timeout=STALE_WAIT, return_when=asyncio.FIRST_COMPLETED)
-            if joined in done:
-                return joined.result()
-            if signal is not None and signal in done:
-                raise errors.Unavailable("upstream failed; revalidation retries in the background")
-            raise TimeoutError
-        finally:
-            for waiter in (joined, signal):
-                if waiter is not None and not waiter.done():
-                    waiter.cancel()
-
-    async def _revalidate(self, key: tuple[str, str, str], record: TagRecord, authorization: str | None,
-                          failed: asyncio.Event) -> TagRecord:
-        _, repo, tag = key
-        observing = retry_observer.set(lambda _exc: failed.set())  # this task only (its own context)
-        try:
-            try:
-                head = await self.upstream.head_manifest(repo, tag, authorization)
-            finally:
-                retry_observer.reset(observing)
+            head = await self.upstream.head_manifest(repo, tag, authorization)
             confirmed = time.time() - head.age
             if head.digest != record.digest:
                 fetched = await self.by_digest(repo, head.digest, authorization)
                 record = TagRecord(fetched.digest, fetched.media_type, confirmed)
             else:
                 record = TagRecord(record.digest, record.media_type, confirmed)
-            await self.metadata.put_tag(repo, tag, record)
-            return record
         except REVOKED:
-            await self.metadata.delete_tag(repo, tag)  # also when no client waits any more
+            await self.metadata.delete_tag(repo, tag)  # here: also when no client waits any more
             raise
-        finally:
-            if self._failing.get(key) is failed:
-                del self._failing[key]
+        await self.metadata.put_tag(repo, tag, record)
+        return record
 
     async def set_tag(self, repo: str, tag: str, digest: Digest, media_type: str) -> None:
         """Point a tag now (a push through this node, a notification)."""

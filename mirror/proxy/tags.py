@@ -1,4 +1,8 @@
-"""Tag lists: asked of upstream (whole, then paginated locally), cached as a fallback."""
+"""Tag lists: asked of upstream (whole, then paginated locally), cached as a fallback.
+
+As for tags, a cached list is served as soon as a refresh's first attempt
+fails; the refresh retries in the background (:class:`~mirror.proxy.waits.Refreshes`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import bisect
 import logging
 import time
 
-from mirror.proxy.manifests import REVOKED, TRANSIENT
-from mirror.proxy.singleflight import SingleFlight
+from mirror.proxy.manifests import REVOKED, STALE_WAIT, TRANSIENT
+from mirror.proxy.waits import Refreshes
 from mirror.storage.metadata import Metadata
 from mirror.upstream.client import Upstream
 
@@ -21,7 +25,8 @@ class TagLists:
         self.metadata = metadata
         self.upstream = upstream
         self.tag_ttl = tag_ttl
-        self._flight: SingleFlight[list[str]] = SingleFlight()
+        self._refreshes: Refreshes[list[str]] = Refreshes()
+        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
 
     async def list(self, repo: str, authorization: str | None = None) -> list[str]:
         """Every tag of `repo`, sorted as distribution sorts them.
@@ -34,8 +39,10 @@ class TagLists:
         if cached is not None and time.time() - cached[1] < self.tag_ttl:
             return cached[0]
         try:
-            tags = await self._flight.run(repo, lambda: self._fetch(repo, authorization))
-        except TRANSIENT:
+            tags = await self._refreshes.run(repo, lambda: self._fetch(repo, authorization),
+                                             fallback=cached is not None, patience=STALE_WAIT,
+                                             bound=self.wait_bound)
+        except (*TRANSIENT, TimeoutError):
             if cached is None:
                 raise
             log.warning("serving cached tag list of %s: upstream unavailable", repo)
