@@ -228,6 +228,11 @@ class Manifests:
         await self.metadata.put_tag(repo, tag, record)
         return record
 
+    async def close(self) -> None:
+        """Stop fetches and revalidations no client waits for any more (shutdown)."""
+        await self._refreshes.close()
+        await self._flight.cancel_all()
+
     async def set_tag(self, repo: str, tag: str, digest: Digest, media_type: str) -> None:
         """Point a tag now (a push through this node, a notification)."""
         await self.metadata.put_tag(repo, tag, TagRecord(digest, media_type, time.time()))

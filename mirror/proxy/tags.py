@@ -51,6 +51,10 @@ class TagLists:
             raise
         return tags
 
+    async def close(self) -> None:
+        """Stop refreshes still retrying in the background (shutdown)."""
+        await self._refreshes.close()
+
     async def _fetch(self, repo: str, authorization: str | None) -> list[str]:
         tags = sorted(set(await self.upstream.list_tags(repo, authorization)))
         await self.metadata.put_tag_list(repo, tags)

@@ -82,6 +82,10 @@ class Refreshes(Generic[T]):
             return await within(asyncio.shield(task), bound)
         return await _first_outcome(task, self._failing.get(key), patience)
 
+    async def close(self) -> None:
+        """Stop refreshes still retrying in the background (shutdown)."""
+        await self._flight.cancel_all()
+
     def _begin(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         failed = self._failing[key] = asyncio.Event()  # registered before any caller waits
         return self._observed(key, work, failed)
