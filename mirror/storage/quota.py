@@ -393,11 +393,16 @@ class Quota:
         needed = size + self._unwritten() + headroom(total)
         if needed <= free:
             return
-        if needed - free <= self.used:  # evicting can make it fit; else keep what is stored
+        if needed - free <= await self._evictable():  # evicting can make it fit; else keep what is stored
             await self.evict_to(self.used - (needed - free))
             total, free = await self._io(self.disk)
         if needed > free:
             raise NoSpace(f"{free} bytes free on the store's disk, {needed} needed")
+
+    async def _evictable(self) -> int:
+        """Bytes eviction could free at most: the unpinned objects."""
+        return int(await self.metadata.transact(lambda db: db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM objects WHERE pinned = 0").fetchone()[0]))
 
     def finish(self, fetch: BlobFetch) -> None:
         """A fetch ended: its reservation becomes used bytes (published) or is released."""
