@@ -89,9 +89,10 @@ CASES = {
                "connections dropped): the cached answer is served at once, before the refresh's retries "
                "are done; they go on in the background (one refresh, however many requests meanwhile)",
     "R-UP-28": "upstream accepts the request and never answers, or stops mid-body, with read_timeout 1s "
-               "and 4 retries: each of two waiting clients gets 503 UNAVAILABLE (JSON, before headers) "
-               "or is cut (after headers) within read_timeout plus a margin, not retries x timeout; the "
-               "fill goes on retrying in the background",
+               "and 4 retries: each of two waiting clients (plain, or with a Range waiting for the whole "
+               "blob) gets 503 UNAVAILABLE (JSON, before headers) or is cut (after headers) within "
+               "read_timeout plus a margin, not retries x timeout; the fill goes on retrying in the "
+               "background",
     # disks
     "R-DISK-01": "EIO on the Nth write of a fetch: temp removed, nothing published, cache intact, the "
                  "client's stream aborted short; the next request succeeds once the disk recovers",
@@ -313,21 +314,23 @@ STALL_MARGIN = 2.0  # generous for a loaded 2-core machine, and clearly below re
 
 @pytest.mark.parametrize(("case_id", "kind", "fault"), [
     ("R-UP-28", "blob", F.hang()), ("R-UP-28", "blob", F.stall(after=100_000)),
-    ("R-UP-28", "manifest", F.hang())],
-    ids=["R-UP-28-blob-no-headers", "R-UP-28-blob-mid-body", "R-UP-28-manifest-no-headers"])
+    ("R-UP-28", "blob-range", F.stall(after=100_000)), ("R-UP-28", "manifest", F.hang())],
+    ids=["R-UP-28-blob-no-headers", "R-UP-28-blob-mid-body", "R-UP-28-range-mid-body",
+         "R-UP-28-manifest-no-headers"])
 async def test_stall_bounds_every_waiting_client(make_mirror, faults, upstream, upstream_client,
                                                  case_id, kind, fault) -> None:
     read_timeout, retries = 1.0, 4
     node = await make_mirror(faults.url, upstream={"read_timeout": "1s", "retries": retries})
     image = await push(upstream_client, upstream, size=512 * 1024)
     digest, data = image.layers[0]
-    where = "/blobs/" if kind == "blob" else "/manifests/"
-    url = f"/v2/{image.repo}/blobs/{digest}" if kind == "blob" else f"/v2/{image.repo}/manifests/v1"
+    where = "/manifests/" if kind == "manifest" else "/blobs/"
+    url = f"/v2/{image.repo}/manifests/v1" if kind == "manifest" else f"/v2/{image.repo}/blobs/{digest}"
+    headers = {"Range": "bytes=0-99"} if kind == "blob-range" else None  # waits for the whole blob
     faults.inject(fault, method="GET", path=where, times=None)
 
     async def waiter(client: httpx.AsyncClient) -> tuple[Got, float]:
         started = time.monotonic()
-        got = await get(client, url)
+        got = await get(client, url, headers)
         return got, time.monotonic() - started
 
     async with node.client(headers=ACCEPT) as client:
@@ -335,7 +338,7 @@ async def test_stall_bounds_every_waiting_client(make_mirror, faults, upstream, 
     for got, waited in results:
         print(f"{case_id} {kind} {fault.kind}: answered in {waited:.2f}s (status {got.status})")
         assert waited < read_timeout + STALL_MARGIN < (retries + 1) * read_timeout, waited
-        if fault.kind == "hang":
+        if fault.kind == "hang" or kind == "blob-range":
             assert got.status == 503 and got.complete and error_code(got) == "UNAVAILABLE"
         else:
             assert got.status == 200 and got.short and got.received < len(data)
