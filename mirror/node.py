@@ -100,6 +100,8 @@ async def close_node(node: Node) -> None:
     await node.ops.close()
     await node.scrubber.close()
     await node.fetcher.close()
+    await node.manifests.close()  # revalidations and fills still retrying in the background
+    await node.tags.close()
     await node.quota.close()
     await node.upstream.aclose()
     await node.metadata.close()

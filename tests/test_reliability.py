@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,10 +29,12 @@ import pytest
 
 from mirror.registry.digest import Digest
 from mirror.storage import blobstore
+from tests.conftest import mirror_config
 from tests.support import faults as F
 from tests.support import images
 from tests.support.faults import FaultRelay, NodeProcess, check_store, pull_image, raise_nofile
 from tests.support.images import DOCKER_SCHEMA2
+from tests.test_quota import fill, small_disk  # noqa: F401, F811  (a fixture: an 8 MiB tmpfs)
 
 MiB = 1 << 20
 ACCEPT = {"Accept": DOCKER_SCHEMA2}
@@ -81,6 +85,14 @@ CASES = {
     "R-UP-25": "429 on a blob: TOOMANYREQUESTS with upstream's Retry-After, nothing published",
     "R-UP-26": "503 with Retry-After: 1 on a blob: the fetch waits that long before retrying, the "
                "client gets the blob",
+    "R-UP-27": "a tag (or a tag list) past its TTL while upstream refuses (503 with Retry-After, or "
+               "connections dropped): the cached answer is served at once, before the refresh's retries "
+               "are done; they go on in the background (one refresh, however many requests meanwhile)",
+    "R-UP-28": "upstream accepts the request and never answers, or stops mid-body, with read_timeout 1s "
+               "and 4 retries: each of two waiting clients (plain, or with a Range waiting for the whole "
+               "blob) gets 503 UNAVAILABLE (JSON, before headers) or is cut (after headers) within "
+               "read_timeout plus a margin, not retries x timeout; the fill goes on retrying in the "
+               "background",
     # disks
     "R-DISK-01": "EIO on the Nth write of a fetch: temp removed, nothing published, cache intact, the "
                  "client's stream aborted short; the next request succeeds once the disk recovers",
@@ -89,6 +101,13 @@ CASES = {
     "R-DISK-04": "a stored blob whose size changed (bit rot, truncation): not served, quarantined, "
                  "refetched and served correctly",
     "R-DISK-05": "a stored manifest with a flipped byte: re-hashed on read, quarantined, refetched",
+    "R-DISK-06": "the store's filesystem full (a manifest fill just failed with ENOSPC, on an 8 MiB "
+                 "tmpfs) and upstream refusing: tags (fresh and stale), manifests by digest and blobs "
+                 "already stored are still served; nothing stored is evicted for space it cannot win",
+    # readiness
+    "R-READY-01": "upstream is a listener that accepts and never answers: /debug/ready answers 200 "
+                  "within about a second every time (store writable), reporting the link as not "
+                  "known reachable, then unreachable once the background probe times out",
     # clients
     "R-CL-01": "a client reading at 1 byte/s during a fetch: the fetch and 4 other readers finish at "
                "link speed; the slow client is cut after client_idle_timeout (2 s)",
@@ -295,10 +314,51 @@ async def test_stalled_upstream_times_out_and_releases_waiters(make_mirror, faul
             assert got.status == 503 and error_code(got) == "UNAVAILABLE"
         else:
             assert got.status == 200 and got.short and got.received < len(data)
-    assert faults.count("GET", "/blobs/") == 2  # one retry, then released
     await assert_nothing_published(node, digest)
+    assert faults.count("GET", "/blobs/") == 2  # one retry (without the waiters), then given up
     faults.clear()
     await assert_served_now(node, image, digest, data)
+
+
+STALL_MARGIN = 2.0  # generous for a loaded 2-core machine, and clearly below retries x read_timeout
+
+
+@pytest.mark.parametrize(("case_id", "kind", "fault"), [
+    ("R-UP-28", "blob", F.hang()), ("R-UP-28", "blob", F.stall(after=100_000)),
+    ("R-UP-28", "blob-range", F.stall(after=100_000)), ("R-UP-28", "manifest", F.hang())],
+    ids=["R-UP-28-blob-no-headers", "R-UP-28-blob-mid-body", "R-UP-28-range-mid-body",
+         "R-UP-28-manifest-no-headers"])
+async def test_stall_bounds_every_waiting_client(make_mirror, faults, upstream, upstream_client,
+                                                 case_id, kind, fault) -> None:
+    read_timeout, retries = 1.0, 4
+    node = await make_mirror(faults.url, upstream={"read_timeout": "1s", "retries": retries})
+    image = await push(upstream_client, upstream, size=512 * 1024)
+    digest, data = image.layers[0]
+    where = "/manifests/" if kind == "manifest" else "/blobs/"
+    url = f"/v2/{image.repo}/manifests/v1" if kind == "manifest" else f"/v2/{image.repo}/blobs/{digest}"
+    headers = {"Range": "bytes=0-99"} if kind == "blob-range" else None  # waits for the whole blob
+    faults.inject(fault, method="GET", path=where, times=None)
+
+    async def waiter(client: httpx.AsyncClient) -> tuple[Got, float]:
+        started = time.monotonic()
+        got = await get(client, url, headers)
+        return got, time.monotonic() - started
+
+    async with node.client(headers=ACCEPT) as client:
+        results = await asyncio.gather(waiter(client), waiter(client))
+    for got, waited in results:
+        print(f"{case_id} {kind} {fault.kind}: answered in {waited:.2f}s (status {got.status})")
+        assert waited < read_timeout + STALL_MARGIN < (retries + 1) * read_timeout, waited
+        if fault.kind == "hang" or kind == "blob-range":
+            assert got.status == 503 and got.complete and error_code(got) == "UNAVAILABLE"
+        else:
+            assert got.status == 200 and got.short and got.received < len(data)
+    deadline = time.monotonic() + 30
+    while faults.count("GET", where) < retries + 1:  # the fill retried on without its waiters
+        assert time.monotonic() < deadline, faults.count("GET", where)
+        await asyncio.sleep(0.1)
+    await settled(node, timeout=30)
+    assert faults.count("GET", where) == retries + 1
 
 
 # --------------------------------------------------------------------------- upstream: wrong bytes
@@ -462,6 +522,53 @@ async def test_cached_content_served_while_upstream_refuses(make_mirror, faults,
             assert by_digest.status == 200 and by_digest.body == image.manifest
             assert [(b.status, b.digest) for b in blobs] == [(200, d) for d in image.blobs]
     assert faults.faulted("status")  # upstream was asked (the tag revalidation) and refused
+
+
+@pytest.mark.parametrize(("case_id", "kind", "fault", "retries"), [
+    ("R-UP-27", "tag", F.status(503, retry_after=1), 2), ("R-UP-27", "tag", F.drop(), 4),
+    ("R-UP-27", "tag-list", F.status(503, retry_after=1), 2)],
+    ids=["R-UP-27-503-retry-after", "R-UP-27-dropped", "R-UP-27-tag-list"])
+async def test_stale_tag_is_served_at_once(make_mirror, faults, upstream, upstream_client, case_id, kind, fault,
+                                           retries) -> None:
+    node = await make_mirror(faults.url, tag_ttl="1s", upstream={"retries": retries})
+    image = await push(upstream_client, upstream, size=1024)
+    if kind == "tag":
+        url, method, where = f"/v2/{image.repo}/manifests/v1", "HEAD", "/manifests/"
+    else:
+        url, method, where = f"/v2/{image.repo}/tags/list", "GET", "/tags/list"
+    async with node.client(headers=ACCEPT) as client:
+        assert (await get(client, url)).status == 200
+        await asyncio.sleep(1.1)
+        faults.inject(fault, method=method, path=where, times=None)
+        started = time.monotonic()
+        stale = await get(client, url)
+        answered = time.monotonic()
+        again = await get(client, url)  # while the retries run: at once too, no refresh of its own
+        again_at = time.monotonic()
+
+        def refreshes() -> list[Any]:
+            return [r for r in faults.records if r.method == method and where in r.path_qs
+                    and r.started_at >= started]
+
+        deadline = time.monotonic() + 30
+        while len(refreshes()) < retries + 1:
+            assert time.monotonic() < deadline, len(refreshes())
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+    attempts = refreshes()
+    print(f"{case_id} {kind}: stale answer in {answered - started:.2f}s; retries done "
+          f"{attempts[-1].started_at - started:.2f}s after the request")
+    for got in (stale, again):
+        assert got.status == 200
+        if kind == "tag":
+            assert got.body == image.manifest
+        else:
+            assert json.loads(got.body)["tags"] == ["v1"]
+    assert len(attempts) == retries + 1  # one refresh, its retries in the background
+    assert answered < attempts[-1].started_at and again_at < attempts[-1].started_at
+    faults.clear()
+    async with node.client(headers=ACCEPT) as client:
+        assert (await get(client, url)).status == 200
 
 
 # --------------------------------------------------------------------------- upstream: oversized answers
@@ -648,6 +755,44 @@ async def test_manifest_with_flipped_byte_is_refetched(make_mirror, faults, upst
     assert faults.count("GET", "/manifests/") == 2
     assert list((node.node.store.root / "quarantine").iterdir())
     assert check_store(node.node.store.root, node.settings.metadata_dir / "metadata.sqlite").problems == []
+
+
+@pytest.mark.parametrize("case_id", [case("R-DISK-06")])
+async def test_full_disk_still_serves_what_is_stored(small_disk, make_mirror, faults, upstream, upstream_client,
+                                                     case_id) -> None:
+    config = mirror_config(small_disk, faults.url, tag_ttl="1s", upstream={"retries": 1})
+    node = await make_mirror(faults.url, config=config)
+    try:
+        image = await push(upstream_client, upstream, size=256 * 1024)
+        other = await push(upstream_client, upstream, size=1024)
+        tag_url, digest_url = f"/v2/{image.repo}/manifests/v1", f"/v2/{image.repo}/manifests/{image.digest}"
+        async with node.client(headers=ACCEPT) as client:
+            assert (await get(client, tag_url)).status == 200
+            for digest in image.blobs:
+                assert (await get(client, f"/v2/{image.repo}/blobs/{digest}")).complete
+            await settled(node)
+            await asyncio.to_thread(fill, small_disk / "filler")
+            failed = await get(client, f"/v2/{other.repo}/manifests/{other.digest}")  # ENOSPC storing it
+            assert failed.status == 503 and error_code(failed) == "UNAVAILABLE"
+            quota = node.node.quota
+            for _ in range(200):  # the disk-full recovery runs in the background
+                if not quota.reserve_path.exists() and len(quota._tasks) <= 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert not quota.reserve_path.exists()
+            await asyncio.sleep(0.3)
+            faults.inject(F.status(503), times=None)  # and upstream refuses everything
+            for _ in range(2):  # fresh, then stale (past the 1 s TTL)
+                tag = await get(client, tag_url)
+                by_digest = await get(client, digest_url)
+                blobs = [await get(client, f"/v2/{image.repo}/blobs/{d}") for d in image.blobs]
+                assert tag.status == 200 and tag.body == image.manifest, tag
+                assert by_digest.status == 200 and by_digest.body == image.manifest
+                assert [(b.status, b.complete, b.digest) for b in blobs] == [(200, True, d) for d in image.blobs]
+                await asyncio.sleep(1.1)
+        assert all(node.node.store.path(Digest.parse(d)).exists() for d in image.blobs)
+    finally:
+        await node.stop()
 
 
 # --------------------------------------------------------------------------- clients
@@ -1043,6 +1188,73 @@ async def test_manifest_push_past_the_cap_is_413(make_mirror, relay, case_id, an
     assert refused.status_code == 413
     assert refused.json()["errors"][0]["code"] == "MANIFEST_INVALID"
     assert relay.count("PUT", "/manifests/") == 0
+# --------------------------------------------------------------------------- readiness
+
+
+@contextlib.contextmanager
+def black_hole() -> Any:
+    """A listener that accepts connections and never answers (a link that drops silently)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+READY_BOUND = 2.5  # the issue's 1 s, with room for a loaded machine; below the shipped probes' 3 s
+
+
+@pytest.mark.parametrize("case_id", [case("R-READY-01")])
+async def test_readiness_never_waits_on_the_link(make_mirror, case_id) -> None:
+    from aiohttp import web
+
+    from mirror.api.debug import create_debug_app
+    from mirror.upstream.health import PROBE_TIMEOUT
+
+    with black_hole() as url:
+        node = await make_mirror(url)  # the default client timeouts: 10 s connect, 60 s read
+        runner = web.AppRunner(create_debug_app(node.node))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        debug_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        answers: list[tuple[float, dict[str, Any]]] = []
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                deadline = time.monotonic() + PROBE_TIMEOUT + 10
+                while time.monotonic() < deadline:
+                    started = time.monotonic()
+                    ready = await client.get(f"{debug_url}/debug/ready")
+                    answers.append((time.monotonic() - started, ready.json()))
+                    assert ready.status_code == 200 and ready.json()["store_writable"] is True
+                    if ready.json()["upstream_reachable"] is False:
+                        break
+                    await asyncio.sleep(0.5)
+        finally:
+            await runner.cleanup()
+    print("readiness answered in " + ", ".join(f"{t:.2f}s" for t, _ in answers))
+    assert all(took < READY_BOUND for took, _ in answers), answers
+    assert answers[0][1]["upstream_reachable"] is not True
+    last = answers[-1][1]
+    assert last["upstream_reachable"] is False and "Timeout" in last["upstream"]["error"], last
+    assert len(answers) >= 3  # the probe pending in the background for a while, answers meanwhile
 
 
 def test_case_table_is_complete() -> None:

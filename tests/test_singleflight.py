@@ -180,3 +180,49 @@ async def test_cancel_all_stops_work() -> None:
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
     assert work.cancelled == 2
     assert len(flight) == 0
+
+
+# -- bounded waits on shared work (mirror.proxy.waits) ------------------------------------
+
+
+async def test_within_bounds_the_wait_not_the_shielded_work() -> None:
+    from mirror import errors
+    from mirror.proxy.waits import within
+
+    flight: SingleFlight[Any] = SingleFlight()
+    work = Work()
+    with pytest.raises(errors.Unavailable):
+        await within(flight.run("k", work), 0.05)
+    assert flight.running("k") and work.cancelled == 0  # the work goes on without its waiter
+    work.release.set()
+    assert await flight.run("k", work) == "result-1" and work.calls == 1
+
+
+async def test_a_refresh_with_a_fallback_stops_waiting_at_its_first_failed_attempt() -> None:
+    from mirror import errors
+    from mirror.proxy.waits import Refreshes
+    from mirror.upstream.client import retry_observer
+
+    refreshes: Refreshes[str] = Refreshes()
+    attempts: list[int] = []
+    retried = asyncio.Event()
+
+    async def refresh() -> str:
+        attempts.append(1)
+        observer = retry_observer.get()
+        assert observer is not None
+        observer(errors.Unavailable("attempt 1"))  # what Upstream._retrying does before its backoff
+        await retried.wait()
+        attempts.append(2)
+        return "fresh"
+
+    with pytest.raises(errors.Unavailable):  # the caller serves its cached answer now
+        await refreshes.run("tag", refresh, fallback=True, patience=30, bound=None)
+    with pytest.raises(errors.Unavailable):  # a later caller too, without a refresh of its own
+        await refreshes.run("tag", refresh, fallback=True, patience=30, bound=None)
+    assert attempts == [1]
+    retried.set()  # the retry, in the background, succeeds
+    assert await refreshes.run("tag", refresh, fallback=False, patience=30, bound=5) == "fresh"
+    assert attempts == [1, 2]
+    assert retry_observer.get() is None  # never leaks into the caller's context
+    await refreshes.close()

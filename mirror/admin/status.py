@@ -127,10 +127,8 @@ class Sampler:
         that accepts and never answers reads as down, not as a failed scrape.
         """
         started = time.perf_counter()
-        try:
-            up = await asyncio.wait_for(self.node.upstream.ping(), PROBE_TIMEOUT)
-        except TimeoutError:
-            up = False
+        link = await self.node.upstream.health.report(PROBE_TIMEOUT)  # waits for one probe at most that long
+        up = link.get("reachable") is True and "probe_pending_seconds" not in link
         self.node.metrics.upstream_up.set(1 if up else 0)
         self.node.metrics.upstream_probe_seconds.set(time.perf_counter() - started)
         self.checked_at, self.checked_by = time.time(), "probe"

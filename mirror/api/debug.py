@@ -34,23 +34,60 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+READY_WAIT = 0.5  # the longest readiness waits for a fresh look at the link or the store
+STORE_STUCK = 10.0  # a store check pending this long means the store is not writable (a hung mount)
+
+
 async def ready(request: web.Request) -> web.Response:
     """Readiness: the store is writable; upstream reachability is reported only.
 
     A node whose link is down still serves what it has, so an unreachable
     upstream does not make it unready (that would take a zone's cache out
-    exactly when it is needed most).
+    exactly when it is needed most). Nor does readiness wait on the link: it
+    answers within about a second from what the node already knows (recent
+    upstream exchanges, a background probe), so a link that silently drops
+    packets cannot outlast the platform's probe timeout.
     """
     node = request.app[NODE]
-    writable = await asyncio.get_running_loop().run_in_executor(node.executor, _store_writable, node)
-    upstream = await node.upstream.ping()
-    body = {"store_writable": writable, "upstream_reachable": upstream}
+    writable = await request.app[STORE_CHECK].writable(node, READY_WAIT)
+    link = await node.upstream.health.report(READY_WAIT)
+    body = {"store_writable": writable, "upstream_reachable": link["reachable"], "upstream": link}
     return web.json_response(body, status=200 if writable else 503)
 
 
+class StoreCheck:
+    """Whether a file can be created in the store, checked by one thread at a time.
+
+    Readiness waits for a fresh check only briefly and otherwise answers with
+    the last result, so a busy executor cannot make it slow; a check that
+    hangs (a dead network mount) holds one thread, never one per probe, and
+    after STORE_STUCK makes the node unready.
+    """
+
+    def __init__(self) -> None:
+        self.last: bool | None = None
+        self._check: asyncio.Future[bool] | None = None
+        self._started = 0.0
+
+    async def writable(self, node: Node, wait: float) -> bool:
+        loop = asyncio.get_running_loop()
+        if self._check is None or self._check.done():
+            self._started = loop.time()
+            self._check = loop.run_in_executor(node.executor, _store_writable, node)
+        try:
+            self.last = await asyncio.wait_for(asyncio.shield(self._check), wait)
+        except TimeoutError:
+            if loop.time() - self._started >= STORE_STUCK:
+                return False
+        return bool(self.last)
+
+
+STORE_CHECK: web.AppKey[StoreCheck] = web.AppKey("store_check", StoreCheck)
+
+
 def _store_writable(node: Node) -> bool:
-    probe = node.store.new_temp_path()
     try:
+        probe = node.store.new_temp_path()
         with open(probe, "xb") as handle:
             handle.write(b"ok")
         os.unlink(probe)
@@ -63,6 +100,7 @@ def create_debug_app(node: Node) -> web.Application:
     """The debug application, sharing the registry application's node."""
     app = web.Application(middlewares=[error_middleware, admin_guard])
     app[NODE] = node
+    app[STORE_CHECK] = StoreCheck()
     add_admin_routes(app)
     status.install(app)
     app.cleanup_ctx.append(lifetime.running)  # `mirror stats` totals across restarts

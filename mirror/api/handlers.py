@@ -167,12 +167,14 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
 
 
 async def _after_commit(node: Node, repo: str, source: BlobSource, credential: Credential) -> BlobSource:
-    """A Range on a blob still in flight waits for the verified object.
+    """A Range on a blob still in flight waits for the verified object (cut if upstream stalls).
 
     Reopening it carries the same client's credential: a fetch that failed
     or went uncached is retried as that client, never as the node.
     """
     assert source.fetch is not None
+    if source.size is not None:
+        await source.fetch.readable(source.size)  # the whole blob, committed; raises on a stall
     await source.fetch.done.wait()
     if source.fetch.error is not None:
         raise source.fetch.error

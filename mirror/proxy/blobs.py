@@ -1,4 +1,8 @@
-"""Blobs: served from the store when linked to the repository, else fetched once."""
+"""Blobs: served from the store when linked to the repository, else fetched once.
+
+A client waits for upstream's answer at most `mirror.upstream.read_timeout`
+(:mod:`mirror.proxy.waits`), however many retries the fetch makes meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 
 from mirror.proxy.fetcher import BlobFetch, Fetcher
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
+from mirror.proxy.waits import within
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
@@ -48,6 +53,7 @@ class Blobs:
         self.upstream = upstream
         self.executor = executor
         self.negative = negative
+        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -69,7 +75,7 @@ class Blobs:
         cache = "coalesced" if fetch is not None else "miss"
         fetch = self.fetcher.start(repo, digest, credential)  # joins (and offers the token)
         try:
-            size = await fetch.started()
+            size = await within(fetch.started(), self.wait_bound)  # the fetch goes on without us
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise
@@ -84,10 +90,10 @@ class Blobs:
                 return BlobSource(digest, size)
         fetch = self.fetcher.get(digest)
         if fetch is not None and fetch.repo == repo:
-            return BlobSource(digest, await fetch.started(), cache="coalesced")
+            return BlobSource(digest, await within(fetch.started(), self.wait_bound), cache="coalesced")
         self.negative.check(("blob", repo, digest))
         try:
-            size = await self.upstream.head_blob(repo, digest, credential)
+            size = await within(self.upstream.head_blob(repo, digest, credential), self.wait_bound)
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise
@@ -118,7 +124,7 @@ class Blobs:
             return True
         self.negative.check(("blob", repo, digest))
         try:
-            await self.upstream.head_blob(repo, digest, credential)
+            await within(self.upstream.head_blob(repo, digest, credential), self.wait_bound)
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise

@@ -14,11 +14,18 @@ already written; the final digest still verifies the whole blob.
 
 A blob that does not fit the quota, or whose temp-file write fails because the
 disk is full, is relayed to its readers uncached (:mod:`mirror.storage.quota`).
+
+Readers are bounded as the fetch is not: when upstream sends nothing (less
+than `MIN_BYTES_PER_WINDOW`, a trickle being nothing) for `read_timeout`, each
+reader is cut at once, while the fetch itself may go on resuming in the
+background for the next request. Otherwise each resumption would restart the
+clock and a client could hang for retries x timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -32,7 +39,7 @@ from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.quota import Quota, RelayBuffer
 from mirror.upstream import budget
-from mirror.upstream.client import Upstream, retry_delay
+from mirror.upstream.client import MIN_BYTES_PER_WINDOW, Upstream, retry_delay
 from mirror.upstream.credential import Credential
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ class BlobFetch:
         self.relay: RelayBuffer | None = None  # served uncached from memory (disk full, over quota)
         self.work: budget.Work | None = None  # its priority on the link; promoted when a client joins
         self.credentials: list[Credential] = []  # waiting clients' tokens, to continue if one expires
+        self.stall_timeout: float | None = None  # readers are cut after this long without progress
+        self.last_progress = time.monotonic()  # when upstream last sent a window's worth of bytes
+        self._unmarked = 0  # bytes received since `last_progress`
         self._started = asyncio.Event()
         self._progress = asyncio.Event()
         self.done = asyncio.Event()
@@ -88,6 +98,13 @@ class BlobFetch:
             self.credentials.remove(failed)
         return self.credentials[0] if self.credentials else None
 
+    def received(self, count: int) -> None:
+        """Count bytes from upstream: a window's worth (not a trickle) is progress."""
+        self._unmarked += count
+        if self._unmarked >= MIN_BYTES_PER_WINDOW:
+            self._unmarked = 0
+            self.last_progress = time.monotonic()
+
     async def started(self) -> int | None:
         """Wait for upstream's headers; the blob size, or raise its error."""
         await self._started.wait()
@@ -109,7 +126,24 @@ class BlobFetch:
                 return limit
             if self.committed:
                 return limit
-            await self._progress.wait()
+            await self._progress_or_stall()
+
+    async def _progress_or_stall(self) -> None:
+        """Wait for the fetch to move on.
+
+        Raises:
+            Unavailable: upstream sent nothing for `stall_timeout`; the reader
+                is cut, the fetch goes on (resuming) without it.
+        """
+        event = self._progress
+        if self.stall_timeout is None:
+            await event.wait()
+            return
+        idle = time.monotonic() - self.last_progress
+        if idle >= self.stall_timeout:
+            raise errors.Unavailable(f"upstream sent nothing for {idle:.0f}s; the mirror keeps trying")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), self.stall_timeout - idle)
 
     def _limit(self) -> int:
         if self.committed:
@@ -157,6 +191,7 @@ class Fetcher:
         fetch = self.inflight.get(digest)
         if fetch is None:
             fetch = BlobFetch(digest, repo)
+            fetch.stall_timeout = self.upstream.read_timeout
             fetch.offer(credential)
             self.inflight[digest] = fetch
             fetch.work, context = budget.context_for_task()
@@ -263,6 +298,7 @@ class Fetcher:
             if not fetch._started.is_set():  # before any response headers: reserve, or 503
                 if self.quota is not None:
                     await self.quota.admit(fetch, writer)
+                fetch.last_progress = time.monotonic()
                 fetch._started.set()
             await self._pump(fetch, writer, stream.chunks())
         if fetch.size is not None and fetch.written < fetch.size:
@@ -281,6 +317,7 @@ class Fetcher:
         try:
             try:
                 async for chunk in chunks:
+                    fetch.received(len(chunk))
                     pending.append(chunk)
                     pending_size += len(chunk)
                     if pending_size >= WRITE_BATCH:

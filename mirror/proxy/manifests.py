@@ -5,7 +5,13 @@ within `mirror.tag_ttl`; after it, one coalesced `HEAD` upstream revalidates
 it however many requests arrive meanwhile, and a GET follows only when the
 digest moved. When upstream is unreachable, slow, or answers 5xx/429, the
 cached tag is served stale (logged) up to `mirror.tag_max_stale`; after a
-401, 403 or 404 it is dropped and never served stale.
+401, 403 or 404 it is dropped and never served stale. Stale means at once:
+the first failed attempt answers every waiting request with the cached tag,
+and the revalidation's retries go on in the background (requests meanwhile
+are answered stale without waiting for them).
+
+A client waits for upstream at most `mirror.upstream.read_timeout`
+(:mod:`mirror.proxy.waits`); the fetch it waited for goes on without it.
 
 Negotiation is local, per request, over one object per digest and one
 tag -> (digest, media type) per repository, as distribution does it.
@@ -26,6 +32,7 @@ from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
+from mirror.proxy.waits import Refreshes, within
 from mirror.registry import manifest as manifests
 from mirror.registry import mediatypes
 from mirror.registry.digest import Digest
@@ -70,6 +77,8 @@ class Manifests:
         self.tag_max_stale = tag_max_stale
         self.max_size = max_size
         self._flight: SingleFlight[Any] = SingleFlight()
+        self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
+        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
         self.metrics: Metrics | None = None
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -113,8 +122,9 @@ class Manifests:
             return local
         await self._refuse_a_held_blob(digest)
         self.negative.check(("manifest", repo, digest))
-        return await self._flight.run(("get", repo, str(digest)),
-                                      lambda: self._fetch(repo, str(digest), credential))
+        return await within(self._flight.run(("get", repo, str(digest)),
+                                             lambda: self._fetch(repo, str(digest), credential)),
+                            self.wait_bound)
 
     async def _refuse_a_held_blob(self, digest: Digest) -> None:
         """A digest stored here as a blob (a layer, a config) is no manifest.
@@ -177,8 +187,9 @@ class Manifests:
         record = await self.metadata.get_tag(repo, tag)
         if record is None:
             self.negative.check(("tag", repo, tag))
-            result = await self._flight.run(("tag", repo, tag), lambda: self._fetch_tag(repo, tag, credential))
-            return result
+            return await within(self._flight.run(("tag", repo, tag),
+                                                 lambda: self._fetch_tag(repo, tag, credential)),
+                                self.wait_bound)
         cache = "hit"
         if time.time() - record.fetched_at >= self.tag_ttl:
             record, cache = await self._revalidated(repo, tag, record, credential)
@@ -199,17 +210,22 @@ class Manifests:
                            credential: Credential) -> tuple[TagRecord, str]:
         """The tag after one coalesced revalidation, or stale when allowed.
 
+        Within the stale window a request waits for the revalidation's first
+        attempt only (at most STALE_WAIT); its retries run on in the
+        background. Past the window there is nothing to serve instead, so the
+        request waits for the retries, up to the client's bound.
+
         Returns:
             The record to serve, and the cache outcome (`revalidated`/`stale`).
         """
-        work = self._flight.run(("head", repo, tag), lambda: self._revalidate(repo, tag, record, credential))
+        stale_ok = time.time() - record.fetched_at <= self.tag_ttl + self.tag_max_stale
         try:
-            return await asyncio.wait_for(work, STALE_WAIT), "revalidated"
-        except REVOKED:
-            await self.metadata.delete_tag(repo, tag)
-            raise
+            revalidated = await self._refreshes.run(
+                ("head", repo, tag), lambda: self._revalidate(repo, tag, record, credential),
+                fallback=stale_ok, patience=STALE_WAIT, bound=self.wait_bound)
+            return revalidated, "revalidated"
         except (*TRANSIENT, TimeoutError) as exc:
-            if time.time() - record.fetched_at > self.tag_ttl + self.tag_max_stale:
+            if not stale_ok:
                 raise
             log.warning("serving stale tag %s:%s (%s)", repo, tag, getattr(exc, "code", "slow upstream"))
             if self.metrics is not None:
@@ -218,15 +234,24 @@ class Manifests:
 
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,
                           credential: Credential) -> TagRecord:
-        head = await self.upstream.head_manifest(repo, tag, credential)
-        confirmed = time.time() - head.age
-        if head.digest != record.digest:
-            fetched = await self.by_digest(repo, head.digest, credential)
-            record = TagRecord(fetched.digest, fetched.media_type, confirmed)
-        else:
-            record = TagRecord(record.digest, record.media_type, confirmed)
+        try:
+            head = await self.upstream.head_manifest(repo, tag, credential)
+            confirmed = time.time() - head.age
+            if head.digest != record.digest:
+                fetched = await self.by_digest(repo, head.digest, credential)
+                record = TagRecord(fetched.digest, fetched.media_type, confirmed)
+            else:
+                record = TagRecord(record.digest, record.media_type, confirmed)
+        except REVOKED:
+            await self.metadata.delete_tag(repo, tag)  # here: also when no client waits any more
+            raise
         await self.metadata.put_tag(repo, tag, record)
         return record
+
+    async def close(self) -> None:
+        """Stop fetches and revalidations no client waits for any more (shutdown)."""
+        await self._refreshes.close()
+        await self._flight.cancel_all()
 
     async def set_tag(self, repo: str, tag: str, digest: Digest, media_type: str) -> None:
         """Point a tag now (a push through this node, a notification)."""

@@ -28,12 +28,19 @@ class SingleFlight(Generic[T]):
 
     async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
         """Join the task for `key`, starting `work()` if none is running."""
+        return await asyncio.shield(self.start(key, work))
+
+    def start(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """The task for `key`, `work()` started now (synchronously) if none is running.
+
+        Await it through `asyncio.shield`, as :meth:`run` does.
+        """
         task = self._tasks.get(key)
         if task is None:
             task = asyncio.ensure_future(work())
             self._tasks[key] = task
             task.add_done_callback(lambda t, k=key: self._done(k, t))
-        return await asyncio.shield(task)
+        return task
 
     def _done(self, key: Hashable, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:

@@ -1,4 +1,8 @@
-"""Tag lists: asked of upstream (whole, then paginated locally), cached as a fallback."""
+"""Tag lists: asked of upstream (whole, then paginated locally), cached as a fallback.
+
+As for tags, a cached list is served as soon as a refresh's first attempt
+fails; the refresh retries in the background (:class:`~mirror.proxy.waits.Refreshes`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import bisect
 import logging
 import time
 
-from mirror.proxy.manifests import REVOKED, TRANSIENT
-from mirror.proxy.singleflight import SingleFlight
+from mirror.proxy.manifests import REVOKED, STALE_WAIT, TRANSIENT
+from mirror.proxy.waits import Refreshes
 from mirror.storage.metadata import Metadata
 from mirror.upstream.client import Upstream
 from mirror.upstream.credential import Credential
@@ -22,7 +26,8 @@ class TagLists:
         self.metadata = metadata
         self.upstream = upstream
         self.tag_ttl = tag_ttl
-        self._flight: SingleFlight[list[str]] = SingleFlight()
+        self._refreshes: Refreshes[list[str]] = Refreshes()
+        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
 
     async def list(self, repo: str, credential: Credential) -> list[str]:
         """Every tag of `repo`, sorted as distribution sorts them.
@@ -35,8 +40,10 @@ class TagLists:
         if cached is not None and time.time() - cached[1] < self.tag_ttl:
             return cached[0]
         try:
-            tags = await self._flight.run(repo, lambda: self._fetch(repo, credential))
-        except TRANSIENT:
+            tags = await self._refreshes.run(repo, lambda: self._fetch(repo, credential),
+                                             fallback=cached is not None, patience=STALE_WAIT,
+                                             bound=self.wait_bound)
+        except (*TRANSIENT, TimeoutError):
             if cached is None:
                 raise
             log.warning("serving cached tag list of %s: upstream unavailable", repo)
@@ -44,6 +51,10 @@ class TagLists:
         except REVOKED:
             raise
         return tags
+
+    async def close(self) -> None:
+        """Stop refreshes still retrying in the background (shutdown)."""
+        await self._refreshes.close()
 
     async def _fetch(self, repo: str, credential: Credential) -> list[str]:
         tags = sorted(set(await self.upstream.list_tags(repo, credential)))

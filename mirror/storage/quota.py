@@ -12,8 +12,10 @@ admitted by :meth:`Quota.admit` *before* its response headers are sent:
   larger than the quota) is relayed to its clients without being cached;
 * whatever the quota, the store's filesystem must have room for it, for what
   admitted fetches still have to write, and a little headroom; else LRU
-  objects are evicted and, failing that, the request is answered 503
-  UNAVAILABLE with `Retry-After` (the fetcher maps the `NoSpace` raised here).
+  objects are evicted when that makes it fit and, failing that, the request
+  is answered 503 UNAVAILABLE with `Retry-After` (the fetcher maps the
+  `NoSpace` raised here). A disk filled by something else is never emptied
+  of cached objects for a fill that would still not fit.
 
 So concurrent fetches cannot overshoot together: the store stays under the
 high watermark, in-flight temp files included.
@@ -35,9 +37,11 @@ cut short of `Content-Length` (the fetch is never paced by a slow reader);
 the digest is still verified before the held-back tail goes out, so a wrong
 blob is never completed. The space reserve file kept beside the metadata
 (when it shares the store's filesystem) is deleted so SQLite can still
-write, an eviction pass runs, and the reserve is recreated by a later tick
-once space is back. New requests start a new fetch, which is admitted again
-(or answered 503 while the disk is still full).
+write, and the reserve is recreated by a later tick once space is back.
+Nothing is evicted for it: a full disk costs only new fills, and what is
+stored goes on being served (with upstream down it is all a zone has). New
+requests start a new fetch, which is admitted again (or answered 503 while
+the disk is still full).
 """
 
 from __future__ import annotations
@@ -388,10 +392,16 @@ class Quota:
         needed = size + self._unwritten() + headroom(total)
         if needed <= free:
             return
-        await self.evict_to(self.used - (needed - free))
-        total, free = await self._io(self.disk)
+        if needed - free <= await self._evictable():  # evicting can make it fit; else keep what is stored
+            await self.evict_to(self.used - (needed - free))
+            total, free = await self._io(self.disk)
         if needed > free:
             raise NoSpace(f"{free} bytes free on the store's disk, {needed} needed")
+
+    async def _evictable(self) -> int:
+        """Bytes eviction could free at most: the unpinned objects."""
+        return int(await self.metadata.transact(lambda db: db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM objects WHERE pinned = 0").fetchone()[0]))
 
     def finish(self, fetch: BlobFetch) -> None:
         """A fetch ended: its reservation becomes used bytes (published) or is released."""
@@ -431,12 +441,13 @@ class Quota:
             self._spawn(self.disk_full())
 
     async def disk_full(self) -> None:
-        """Free the metadata reserve, then evict enough for in-flight fetches and the reserve."""
+        """Free the metadata reserve so SQLite can still write; evict nothing.
+
+        What is stored stays served: eviction only ever makes room for a
+        fill that then fits (:meth:`admit`), never for a disk something else
+        filled, which emptying the cache would not win back.
+        """
         await self._io(self.release_reserve)
-        total, free = await self._io(self.disk)
-        wanted = self._unwritten() + 2 * headroom(total) + min(RESERVE_MAX, total // 16)
-        if wanted > free:
-            await self.evict_to(self.used - (wanted - free))
 
     # -- eviction -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ from mirror.registry.mediatypes import UPSTREAM_ACCEPT
 from mirror.upstream.auth import Challenge, RegistryAuth
 from mirror.upstream.budget import Budget, BudgetTransport
 from mirror.upstream.credential import Credential
+from mirror.upstream.health import PROBE_TIMEOUT, HealthTransport, LinkHealth
 from mirror.upstream.tls import verify_setting
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ MAX_ERROR_BODY = 64 * 1024
 MAX_TAG_LIST_BODY = 16 * 1024 * 1024
 MAX_RETRY_AFTER = 30.0
 MIN_BYTES_PER_WINDOW = 1024  # a blob stream slower than this per read_timeout is cut (a trickle)
+
+#: Told each failure `_retrying` is about to retry: a caller holding a cached
+#: answer serves it at once instead of waiting out the backoff (stale tags).
+#: A context variable, so it reaches only the work (task) that set it.
+retry_observer: ContextVar[Callable[[errors.RegistryError], None] | None] = ContextVar(
+    "retry_observer", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +125,7 @@ class Upstream:
         self.base_url = remote_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc
         self.retries = int(getattr(settings, "retries", 3))
+        self.read_timeout = float(getattr(settings, "read_timeout", 60.0))  # bounds a client's wait
         timeout = httpx.Timeout(
             connect=getattr(settings, "connect_timeout", 10.0),
             read=getattr(settings, "read_timeout", 60.0),
@@ -135,9 +144,11 @@ class Upstream:
         self.metrics: Metrics | None = None
         self.budget = Budget.from_settings(settings)  # max_concurrency / max_bandwidth, on-demand first
         verify = verify_setting()
+        self.health = LinkHealth(self._probe_link)  # readiness reads it, never waits on the link
+        transport = HealthTransport(
+            transport or httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify), self.health)
         if self.budget.enabled:
-            inner = transport or httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
-            transport = BudgetTransport(inner, self.budget)
+            transport = BudgetTransport(transport, self.budget)
         self._client = httpx.AsyncClient(
             timeout=timeout, limits=limits, auth=self.auth, follow_redirects=True, verify=verify,
             transport=transport, headers={"User-Agent": "mirror/0.1"}, trust_env=False,
@@ -162,19 +173,16 @@ class Upstream:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
+        await self.health.close()
         await self._client.aclose()
 
     def url(self, repo: str, kind: str, reference: str) -> str:
         """The upstream URL of a registry resource."""
         return f"{self.base_url}/v2/{repo}/{kind}/{reference}"
 
-    async def ping(self) -> bool:
-        """True when upstream answers `/v2/` at all (any status)."""
-        try:
-            response = await self._client.get(f"{self.base_url}/v2/", auth=None)
-        except httpx.HTTPError:
-            return False
-        return response.status_code < 500
+    async def _probe_link(self) -> None:
+        """`GET /v2/` with a short timeout, for readiness (the transport records the outcome)."""
+        await self._client.get(f"{self.base_url}/v2/", auth=None, timeout=PROBE_TIMEOUT)
 
     async def challenge(self) -> Challenge | None:
         """Upstream's own `WWW-Authenticate` challenge on `/v2/` (None: no auth).
@@ -332,6 +340,9 @@ class Upstream:
                 delay = retry_delay(exc, attempt)
                 if attempt == self.retries or delay is None:
                     raise
+                observer = retry_observer.get()
+                if observer is not None:
+                    observer(exc)
                 log.info("upstream %s; retry %d in %.1fs", exc.code, attempt + 1, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
