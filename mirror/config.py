@@ -46,6 +46,8 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       prefetch: {rules: [], keep_fresh: 0, interval: 10m}   # rules are glob strings
       client_idle_timeout: 60s
       manifest_max_size: 4MiB
+      shutdown_grace: 20s   # on SIGTERM, requests in flight get this long, then are cut
+      names: []             # other registry names meaning this upstream (containerd's ?ns=)
 
 Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
 Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
@@ -297,6 +299,20 @@ def _remote_url(value: Any, key: str) -> str:
     return _http_url(value, key).rstrip("/")
 
 
+def _registry_names(value: Any, key: str) -> tuple[str, ...]:
+    """Registry host names ("hub.example.com", "10.0.0.5:5000"), lower-cased, as containerd's ?ns=."""
+    names = _strings(value, key)
+    for i, name in enumerate(names):
+        parts = urlsplit(f"//{name}")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            parts = None  # type: ignore[assignment]
+        if parts is None or not parts.hostname or parts.netloc != name or "@" in name:
+            raise ConfigError(f"{key}[{i}]", f"expected a registry host name (host or host:port), got {name!r}")
+    return tuple(name.lower() for name in names)
+
+
 def _networks(value: Any, key: str) -> tuple[str, ...]:
     """CIDRs in canonical form; host bits are dropped ("10.1.2.3/8" -> "10.0.0.0/8")."""
     networks = []
@@ -474,6 +490,8 @@ class MirrorSettings:
     prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
     client_idle_timeout: float = 60.0  # seconds
     manifest_max_size: int = 4 * MiB  # bytes
+    shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
+    names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,6 +605,8 @@ _MIRROR_FIELDS = {
     "trusted_proxies": _networks,
     "client_idle_timeout": _positive_duration,
     "manifest_max_size": _positive_size,
+    "shutdown_grace": parse_duration,
+    "names": _registry_names,
 }
 _TOKEN_FIELDS = {
     "realm": _string,

@@ -46,6 +46,8 @@ async def ready(request: web.Request) -> web.Response:
     exactly when it is needed most).
     """
     node = request.app[NODE]
+    if node.draining:  # shutting down: take the node out of rotation at once
+        return web.json_response({"draining": True}, status=503)
     writable = await asyncio.get_running_loop().run_in_executor(node.executor, _store_writable, node)
     upstream = await node.upstream.ping()
     body = {"store_writable": writable, "upstream_reachable": upstream}

@@ -14,12 +14,14 @@ distribution's retrying sink does).
 Unlike distribution, the queue in front of each endpoint is bounded
 (:data:`QUEUE_LIMIT` events): when an endpoint stays down, new events are
 dropped, counted in `mirror_notification_events_dropped_total{endpoint}` and
-logged, and memory stays bounded. Events still queued at shutdown are lost.
+logged, and memory stays bounded. At shutdown the queue gets a short while
+(`ops.EVENTS_FLUSH`) to be delivered; what is left then is lost, and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -84,8 +86,15 @@ class EndpointSink:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"events-{self.endpoint.name}")
 
-    async def close(self) -> None:
+    async def close(self, flush: float = 0.0) -> None:
+        """Stop sending; first, up to `flush` s to deliver what is queued (shutdown)."""
         if self._task is not None:
+            if flush > 0 and not self._task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.queue.join(), flush)
+            if self.queue.qsize():
+                log.warning("notification endpoint %s: %d pull events not delivered before shutdown",
+                            self.endpoint.name, self.queue.qsize())
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._client.aclose()
@@ -115,6 +124,8 @@ class EndpointSink:
             body = json.dumps({"events": batch}).encode()
             await self._deliver(body)
             self.metrics.sent.labels(self.endpoint.name).inc(len(batch))
+            for _ in batch:
+                self.queue.task_done()
 
     async def _deliver(self, body: bytes) -> None:
         """Send until accepted; back off after `threshold` consecutive failures."""
@@ -159,9 +170,9 @@ class PullEvents:
         for sink in self.sinks:
             sink.start()
 
-    async def close(self) -> None:
-        for sink in self.sinks:
-            await sink.close()
+    async def close(self, flush: float = 0.0) -> None:
+        """Close every sink, each first delivering its queue for up to `flush` s (concurrently)."""
+        await asyncio.gather(*(sink.close(flush) for sink in self.sinks))
 
     def pulled(self, *, repository: str, digest: str, media_type: str, size: int, tag: str | None,
                url: str, request: dict[str, str], actor: str | None = None) -> None:

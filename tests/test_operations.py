@@ -1,0 +1,160 @@
+"""Operating the node: shutdown, the zone's registry names, start-up warnings, prewarm refusals.
+
+Each provoked failure has a case ID (``pytest -k R-OPS-01``), listed in
+`CASES` and in README's Reliability table, as in tests/test_reliability.py.
+The upstream is the real distribution registry throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import images
+from tests.support.faults import NodeProcess
+from tests.support.images import DOCKER_SCHEMA2
+from tests.support.procs import free_port
+
+MiB = 1 << 20
+ACCEPT = {"Accept": DOCKER_SCHEMA2}
+
+CASES = {
+    "R-OPS-01": "SIGTERM with a slow client in the middle of a 32 MiB blob (shutdown_grace 2 s): "
+                "/debug/ready answers 503 at once, the client is cut after the grace, the process "
+                "exits 0 well inside grace + 5 s, and access times and pull counts are on disk",
+    "R-OPS-02": "SIGTERM with nothing in flight: the process exits at once (no wait for the grace)",
+}
+
+
+def repo_name() -> str:
+    return f"ops/app-{uuid.uuid4().hex[:8]}"
+
+
+def node_with_debug(root: Path, remote_url: str, **mirror: Any) -> tuple[NodeProcess, int]:
+    """A `mirror serve` process with its debug listener on a port of its own."""
+    node = NodeProcess(root, remote_url, **mirror)
+    debug_port = free_port()
+    node.config["http"]["debug"] = {"addr": f"127.0.0.1:{debug_port}"}
+    node.config_path.write_text(json.dumps(node.config))  # JSON is YAML
+    return node, debug_port
+
+
+async def slow_download(port: int, path: str, cut: asyncio.Event, started: asyncio.Event) -> int:
+    """GET `path` through a small receive buffer, reading 4 KiB every 0.2 s; bytes read until cut."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    received = 0
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+        while True:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+            except (OSError, TimeoutError):
+                break
+            if not data:
+                break
+            received += len(data)
+            started.set()
+            await asyncio.sleep(0.2)
+    finally:
+        sock.close()
+        cut.set()
+    return received
+
+
+async def wait_exit(node: NodeProcess, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while (code := node.process.poll()) is None:
+        assert time.monotonic() < deadline, "the node did not exit"
+        await asyncio.sleep(0.05)
+    return code
+
+
+@pytest.mark.parametrize("case_id", ["R-OPS-01"])
+async def test_sigterm_drains_within_the_grace_and_flushes(tmp_path, upstream, upstream_client,
+                                                           case_id) -> None:
+    layer = images.make_layer(uuid.uuid4().hex, 32 * MiB, compresslevel=0)
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[layer])
+    digest = image.layer_digests[0]
+    node, debug_port = node_with_debug(tmp_path / "node", upstream.url, shutdown_grace="2s")
+    node.start()
+    try:
+        async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+            manifest = await client.get(f"/v2/{image.repo}/manifests/v1", headers=ACCEPT)
+            assert manifest.status_code == 200
+            assert (await client.get(f"/v2/{image.repo}/blobs/{digest}")).content == layer  # now stored
+        served_after = time.time()
+        cut, started = asyncio.Event(), asyncio.Event()
+        download = asyncio.create_task(slow_download(node.port, f"/v2/{image.repo}/blobs/{digest}", cut, started))
+        await asyncio.wait_for(started.wait(), 10)
+        ready = f"http://127.0.0.1:{debug_port}/debug/ready"
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(ready)).status_code == 200
+            signalled = time.monotonic()
+            node.process.signal(signal.SIGTERM)
+            statuses = []
+            while not cut.is_set() and len(statuses) < 20:
+                try:
+                    statuses.append((await client.get(ready)).status_code)
+                except httpx.HTTPError:
+                    break
+                if statuses[-1] == 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert statuses and statuses[-1] == 503, statuses  # out of rotation while still draining
+        received = await asyncio.wait_for(download, 30)
+        cut_after = time.monotonic() - signalled
+        code = await wait_exit(node, 30)
+        exited_after = time.monotonic() - signalled
+    finally:
+        node.stop()
+    assert 0 < received < len(layer)  # mid-download, then cut short
+    assert cut_after >= 2.0 - 0.1  # the grace was given
+    assert code == 0  # not the last-resort exit (grace + 5 s)
+    assert exited_after < 2.0 + 5.0, exited_after  # the bound that matters: inside grace + budget
+    log = node.process.log_text()
+    assert "cutting 1 requests still in flight" in log
+    pulls = json.loads((node.store / "metadata" / "popularity.json").read_text())
+    assert {"repository": image.repo, "tag": "v1"}.items() <= pulls[0].items()
+    db = sqlite3.connect(node.metadata_db)
+    try:
+        (last_access,) = db.execute("SELECT last_access FROM objects WHERE digest=?", (digest,)).fetchone()
+    finally:
+        db.close()
+    assert last_access >= served_after  # the slow download's access time was flushed
+
+
+@pytest.mark.parametrize("case_id", ["R-OPS-02"])
+async def test_sigterm_when_idle_exits_at_once(tmp_path, upstream, case_id) -> None:
+    node, _ = node_with_debug(tmp_path / "node", upstream.url)  # default grace: 20 s
+    node.start()
+    try:
+        async with httpx.AsyncClient(base_url=node.url, timeout=10) as client:
+            assert (await client.get("/v2/")).status_code == 200  # a kept-alive idle connection
+            signalled = time.monotonic()
+            node.process.signal(signal.SIGTERM)
+            code = await wait_exit(node, 30)
+    finally:
+        node.stop()
+    assert code == 0
+    assert time.monotonic() - signalled < 10  # far below the 20 s grace
+
+
+def test_case_table_is_complete() -> None:
+    """Every case ID of the table is the id of a test in this module."""
+    source = Path(__file__).read_text()
+    for case_id in CASES:
+        assert source.count(f'"{case_id}"') >= 2, case_id
