@@ -19,8 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import images
+from tests.support.authenv import Central, bearer
+from tests.support.token_issuer import make_ca
 from tests.support.faults import NodeProcess
 from tests.support.images import DOCKER_SCHEMA2
 from tests.support.procs import free_port
@@ -33,6 +36,13 @@ CASES = {
                 "/debug/ready answers 503 at once, the client is cut after the grace, the process "
                 "exits 0 well inside grace + 5 s, and access times and pull counts are on disk",
     "R-OPS-02": "SIGTERM with nothing in flight: the process exits at once (no wait for the grace)",
+    "R-OPS-03": "containerd's ?ns= names the zone's registry while proxy.remoteurl is an IP: with the "
+                "name in mirror.names the node serves it; an unknown ns is 404 NAME_UNKNOWN, logged "
+                "once per value and counted in mirror_unknown_namespace_total",
+    "R-OPS-04": "proxy.remoteurl is an IP and mirror.names is empty: one warning at start naming "
+                "mirror.names; none with names configured or with a host name",
+    "R-OPS-05": "a prewarm the central registry refuses (wrong proxy.password, or anonymous): the job's "
+                "error and the node's log name the refusal and whose credentials were refused",
 }
 
 
@@ -153,8 +163,83 @@ async def test_sigterm_when_idle_exits_at_once(tmp_path, upstream, case_id) -> N
     assert time.monotonic() - signalled < 10  # far below the 20 s grace
 
 
+def unknown_namespaces(node: Any) -> float:
+    for family in text_string_to_metric_families(node.node.metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name == "mirror_unknown_namespace_total":
+                return sample.value
+    raise AssertionError("mirror_unknown_namespace_total not exported")
+
+
+@pytest.mark.parametrize("case_id", ["R-OPS-03"])
+async def test_zone_registry_name_is_served_and_unknown_ns_counted(make_mirror, upstream, upstream_client,
+                                                                  caplog, case_id) -> None:
+    image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[2048])
+    node = await make_mirror(upstream.url, names=["Hub.Yun.Paic.Com.Cn", "registry.zone.example:5000"])
+    path = f"/v2/{image.repo}/manifests/v1"
+    async with node.client() as client:
+        for ns in ("hub.yun.paic.com.cn", "HUB.yun.paic.com.cn", "registry.zone.example:5000",
+                   upstream.host):
+            got = await client.get(path, params={"ns": ns}, headers=ACCEPT)
+            assert (got.status_code, got.content) == (200, image.manifest), ns
+        layer = image.layer_digests[0]
+        blob = await client.get(f"/v2/{image.repo}/blobs/{layer}", params={"ns": "hub.yun.paic.com.cn"})
+        assert blob.status_code == 200
+        assert unknown_namespaces(node) == 0
+        caplog.clear()
+        for _ in range(3):
+            other = await client.get(path, params={"ns": "docker.io"}, headers=ACCEPT)
+            assert other.status_code == 404 and other.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+        third = await client.get(path, params={"ns": "quay.io"}, headers=ACCEPT)
+        assert third.status_code == 404
+    assert unknown_namespaces(node) == 4
+    warnings = [r.getMessage() for r in caplog.records if "(?ns=)" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per value
+    assert "'docker.io'" in warnings[0] and "mirror.names" in warnings[0]
+
+
+@pytest.mark.parametrize("case_id", ["R-OPS-04"])
+async def test_ip_upstream_without_names_warns_at_start(make_mirror, upstream, caplog, case_id) -> None:
+    caplog.set_level("WARNING", logger="mirror.node")
+    await make_mirror(upstream.url)  # http://127.0.0.1:PORT
+    warned = [r.getMessage() for r in caplog.records if "mirror.names is empty" in r.getMessage()]
+    assert len(warned) == 1 and "127.0.0.1" in warned[0]
+    caplog.clear()
+    await make_mirror(upstream.url, names=["hub.yun.paic.com.cn"])
+    await make_mirror(upstream.url.replace("127.0.0.1", "localhost"))
+    assert not [r for r in caplog.records if "mirror.names is empty" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("case_id", "proxy", "whose"), [
+    ("R-OPS-05", {"username": "zone-bot", "password": "wrong"}, "the node's own account (proxy.username zone-bot)"),
+    ("R-OPS-05-anonymous", None, "the node's own account (anonymous: no proxy.username)"),
+])
+async def test_prewarm_refused_upstream_says_why_and_whose(make_mirror, tmp_path, caplog, case_id, proxy,
+                                                           whose) -> None:
+    repo = repo_name()
+    users = {"zone-bot": ("right", {repo: {"pull"}})}
+    (tmp_path / "pki").mkdir()
+    with Central(tmp_path / "central", make_ca(tmp_path / "pki"), users=users) as central:
+        async with httpx.AsyncClient(timeout=30) as seed:
+            await images.push_image(seed, central.registry.url, repo, "v1", layers=[1024],
+                                    headers=bearer(central.admin_token(repo)))
+        node = await make_mirror(central.registry.url)
+        if proxy is not None:
+            await node.stop()
+            node.config["proxy"].update(proxy)
+            await node.start()
+        job = node.node.ops.warmer.submit([f"{repo}:v1"])
+        assert job.task is not None
+        await asyncio.wait_for(job.task, 60)
+    assert job.state == "failed"
+    (error,) = job.errors
+    assert "refused" in error["error"] and whose in error["error"], error
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prewarm job")]
+    assert logged and f"{repo}:v1" in logged[-1] and whose in logged[-1], logged
+
+
 def test_case_table_is_complete() -> None:
     """Every case ID of the table is the id of a test in this module."""
     source = Path(__file__).read_text()
     for case_id in CASES:
-        assert source.count(f'"{case_id}"') >= 2, case_id
+        assert source.count(f'"{case_id}"') >= 2 or f'"{case_id}-' in source, case_id

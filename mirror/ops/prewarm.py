@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Error codes that mean upstream refused the node's credentials for the image.
+REFUSALS = frozenset({"UNAUTHORIZED", "DENIED"})
+#: A finished job logs this many of its errors, one line each.
+LOGGED_ERRORS = 5
+
 BLOB_CONCURRENCY = 4
 KEEP_JOBS = 100
 DEFAULT_PLATFORM = "linux/amd64"
@@ -269,6 +274,9 @@ class Warmer:
             job.active.clear()
             log.info("prewarm job %s %s: %d blobs (%d cached), %d bytes fetched, %d errors", job.id,
                      job.state, job.blobs_done, job.blobs_cached, job.bytes_fetched, len(job.errors))
+            for entry in job.errors[:LOGGED_ERRORS]:
+                log.warning("prewarm job %s: %s%s: %s", job.id, entry["image"],
+                            f" {entry['digest']}" if "digest" in entry else "", entry["error"])
 
     async def _resolve(self, job: Job, ref: ImageRef, platforms: list[manifests.Platform] | None
                        ) -> tuple[ImageRef, list[Digest], list[manifests.Descriptor]] | None:
@@ -277,7 +285,7 @@ class Warmer:
             top = await self._manifest(ref.repo, ref.tag, ref.digest)
             listed, images = await self.expand(ref.repo, top, platforms)
         except errors.RegistryError as exc:
-            job.error(ref.text, f"{exc.code}: {exc.message}")
+            job.error(ref.text, self._describe(exc))
             return None
         except Exception as exc:
             log.exception("resolving %s failed", ref.text)
@@ -292,6 +300,19 @@ class Warmer:
         job.resolved.append({"image": ref.text, "repository": ref.repo, "digest": str(top.digest),
                              "mediaType": top.media_type, "manifests": [str(d) for d in listed]})
         return ref, listed, blobs
+
+    def _describe(self, exc: errors.RegistryError) -> str:
+        """A job error; a refusal upstream names whose credentials were refused.
+
+        Prewarm is background work: it runs with the node's own account, so
+        "UNAUTHORIZED" alone sends an operator looking at the wrong password.
+        """
+        text = f"{exc.code}: {exc.message}"
+        if exc.code not in REFUSALS:
+            return text
+        username = self.node.settings.proxy.username
+        whose = f"proxy.username {username}" if username else "anonymous: no proxy.username"
+        return f"refused upstream ({text}) with the node's own account ({whose})"
 
     async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
         if digest is not None:
@@ -326,7 +347,7 @@ class Warmer:
             try:
                 cached, fetched = await self.fetch_blob(ref.repo, descriptor.digest, job)
             except errors.RegistryError as exc:
-                job.error(ref.text, f"{exc.code}: {exc.message}", descriptor.digest)
+                job.error(ref.text, self._describe(exc), descriptor.digest)
                 return
             job.blob_done(descriptor.size, fetched, cached)
 
