@@ -13,6 +13,7 @@ import signal
 import socket
 import sqlite3
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tests.support.images import DOCKER_SCHEMA2
 from tests.support.procs import free_port
 
 MiB = 1 << 20
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 ACCEPT = {"Accept": DOCKER_SCHEMA2}
 
 CASES = {
@@ -43,6 +45,9 @@ CASES = {
                 "mirror.names; none with names configured or with a host name",
     "R-OPS-05": "a prewarm the central registry refuses (wrong proxy.password, or anonymous): the job's "
                 "error and the node's log name the refusal and whose credentials were refused",
+    "R-OPS-06": "an aiohttp without the internals the slowloris guard reads (an upgrade past the pinned "
+                "range): a warning at start says the guard is inactive; the installed aiohttp is "
+                "inside the pinned range and guarded",
 }
 
 
@@ -236,6 +241,28 @@ async def test_prewarm_refused_upstream_says_why_and_whose(make_mirror, tmp_path
     assert "refused" in error["error"] and whose in error["error"], error
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prewarm job")]
     assert logged and f"{repo}:v1" in logged[-1] and whose in logged[-1], logged
+
+
+@pytest.mark.parametrize("case_id", ["R-OPS-06"])
+def test_inactive_header_guard_is_announced(monkeypatch, caplog, case_id) -> None:
+    import aiohttp
+    from packaging.specifiers import SpecifierSet
+
+    from mirror.api import server
+
+    assert server.warn_if_unguarded() is True  # the installed aiohttp: guarded, nothing said
+    assert not caplog.records
+    pinned = next(d for d in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+                  if d.startswith("aiohttp"))
+    specifier = SpecifierSet(pinned.removeprefix("aiohttp"))
+    assert aiohttp.__version__ in specifier, pinned
+    assert "3.99.0" not in specifier and "4.0.0" not in specifier, pinned  # an upper bound
+
+    monkeypatch.setattr(server, "SUPPORTED", False)  # as after an upgrade that renamed them
+    assert server.warn_if_unguarded() is False
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "INACTIVE" in record.getMessage()
+    assert aiohttp.__version__ in record.getMessage()
 
 
 def test_case_table_is_complete() -> None:
