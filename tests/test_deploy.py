@@ -892,3 +892,60 @@ def test_client_files_point_at_the_zone_nodes(shipped: Settings) -> None:
         "NFS",
     ):
         assert needle in readme, needle
+
+
+# --------------------------------------------------------------------------- quick start
+
+QUICK_START = ["./scripts/serve", "./scripts/test"]
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+
+
+def quick_start_commands() -> list[str]:
+    """The commands of README's "Quick start" code block, comments dropped."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_quick_start_is_two_commands_that_exist() -> None:
+    assert quick_start_commands() == QUICK_START
+    for command in QUICK_START:
+        script = ROOT / command
+        assert script.is_file() and script.stat().st_mode & 0o111, command
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("exec ./scripts/test")
+
+
+def test_quick_start_serves_on_a_stock_debian_python(tmp_path: Path) -> None:
+    """`./scripts/serve` as written, with Debian 12's own externally managed Python (PEP 668).
+
+    A copy of the checkout, so the .venv it makes is its own; the address is moved off
+    :5000 through the environment, as an operator could.
+    """
+    if not DEBIAN_PYTHON.exists():
+        pytest.skip("no distribution Python at /usr/bin/python3")
+    managed = subprocess.run([str(DEBIAN_PYTHON), "-c", "import sysconfig, os; print(os.path.exists("
+                              "os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    checkout = tmp_path / "checkout"
+    for name in files:
+        if (ROOT / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    port = free_port()
+    env = {"PYTHON": str(DEBIAN_PYTHON), "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}"}
+    with ManagedProcess(["./scripts/serve"], cwd=checkout, env=env, name="serve") as serve:
+        wait_http(f"http://127.0.0.1:{port}/v2/", timeout=240, process=serve, interval=0.5)
+        log = serve.log_text()
+    venv_python = checkout / ".venv" / "bin" / "python"
+    base = subprocess.run([str(venv_python), "-c", "import sys; print(sys.base_prefix)"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert base == "/usr"  # the venv was made from Debian's Python
+    assert "serving on 127.0.0.1" in log and "externally-managed-environment" not in log
+    if managed == "True":
+        refused = subprocess.run([str(DEBIAN_PYTHON), "-m", "pip", "install", "--dry-run", str(checkout)],
+                                 capture_output=True, text=True)
+        assert refused.returncode != 0  # what the old quick start ran into
