@@ -20,11 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import images
 from tests.support.authenv import Central, bearer
 from tests.support.token_issuer import make_ca
+from tests.test_notifications import Endpoint, node_with_endpoint
 from tests.support.faults import NodeProcess
 from tests.support.images import DOCKER_SCHEMA2
 from tests.support.procs import free_port
@@ -48,6 +50,8 @@ CASES = {
     "R-OPS-06": "an aiohttp without the internals the slowloris guard reads (an upgrade past the pinned "
                 "range): a warning at start says the guard is inactive; the installed aiohttp is "
                 "inside the pinned range and guarded",
+    "R-OPS-07": "pull events still queued at shutdown (the endpoint failing, then backing off): "
+                "delivered before the node stops",
 }
 
 
@@ -241,6 +245,30 @@ async def test_prewarm_refused_upstream_says_why_and_whose(make_mirror, tmp_path
     assert "refused" in error["error"] and whose in error["error"], error
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prewarm job")]
     assert logged and f"{repo}:v1" in logged[-1] and whose in logged[-1], logged
+
+
+@pytest.mark.parametrize("case_id", ["R-OPS-07"])
+async def test_queued_pull_events_are_delivered_at_shutdown(make_mirror, upstream, upstream_client, tmp_path,
+                                                            case_id) -> None:
+    endpoint = Endpoint(fail=2)  # then backs off 500 ms, while the node is asked to stop
+    app = web.Application()
+    app.router.add_post("/events", endpoint.handle)
+    receiver = web.AppRunner(app)
+    await receiver.setup()
+    site = web.TCPSite(receiver, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        node = await node_with_endpoint(make_mirror, tmp_path, upstream.url, f"http://127.0.0.1:{port}/events")
+        image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[1024])
+        async with node.client(headers=ACCEPT) as client:
+            for _ in range(7):  # a miss, then 6 hits: 6 pull events
+                assert (await client.get(f"/v2/{image.repo}/manifests/v1")).status_code == 200
+        assert len(endpoint.events) < 6  # still queued
+        await node.stop()
+    finally:
+        await receiver.cleanup()
+    assert len(endpoint.events) == 6
 
 
 @pytest.mark.parametrize("case_id", ["R-OPS-06"])
