@@ -29,7 +29,8 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
         transport: an httpx transport for upstream (tests only).
     """
     in_flight = InFlight()  # shutdown waits for these, up to mirror.shutdown_grace
-    app = web.Application(middlewares=[in_flight.middleware, access_log_middleware, middleware.error_middleware],
+    app = web.Application(middlewares=[in_flight.middleware, access_log_middleware,
+                                       middleware.error_middleware],
                           handler_args={"max_field_size": MAX_HEADER_SIZE, "max_line_size": MAX_HEADER_SIZE})
     app[IN_FLIGHT] = in_flight
 

@@ -303,14 +303,21 @@ def _registry_names(value: Any, key: str) -> tuple[str, ...]:
     """Registry host names ("hub.example.com", "10.0.0.5:5000"), lower-cased, as containerd's ?ns=."""
     names = _strings(value, key)
     for i, name in enumerate(names):
-        parts = urlsplit(f"//{name}")
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
-            parts = None  # type: ignore[assignment]
-        if parts is None or not parts.hostname or parts.netloc != name or "@" in name:
-            raise ConfigError(f"{key}[{i}]", f"expected a registry host name (host or host:port), got {name!r}")
+        if not _is_registry_host(name):
+            raise ConfigError(f"{key}[{i}]",
+                              f"expected a registry host name (host or host:port), got {name!r}")
     return tuple(name.lower() for name in names)
+
+
+def _is_registry_host(text: str) -> bool:
+    """`host` or `host:port`, nothing more (no scheme, path or credentials)."""
+    parts = urlsplit(f"//{text}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return False
+    plain = re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", text) is not None
+    return plain and bool(parts.hostname) and parts.netloc == text
 
 
 def _networks(value: Any, key: str) -> tuple[str, ...]:
