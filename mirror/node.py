@@ -70,11 +70,12 @@ class Node:
         if ns.lower() in self.namespaces:
             return True
         self.metrics.unknown_namespaces.inc()
-        if ns not in self.unknown_namespaces and len(self.unknown_namespaces) < UNKNOWN_NAMESPACES_LOGGED:
-            self.unknown_namespaces.add(ns)
+        seen = ns[:100].lower()
+        if seen not in self.unknown_namespaces and len(self.unknown_namespaces) < UNKNOWN_NAMESPACES_LOGGED:
+            self.unknown_namespaces.add(seen)
             log.warning("a client asked for registry %r (?ns=), which is not this node's upstream %s: "
                         "answered 404; add it to mirror.names if it means this upstream",
-                        ns[:100], self.upstream.base_url)
+                        seen, self.upstream.base_url)
         return False
 
 
