@@ -251,3 +251,6 @@ async def test_every_operator_command_takes_the_nodes_config(make_mirror, relay,
     config.write_text(json.dumps(node.config))
     code, _, err = await cli("stats", str(config))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "http.debug.addr" in err
+    # A mistyped path is a config that cannot be read, never an image name sent to the node.
+    code, _, err = await cli("purge", str(tmp_path / "missing.yml"), f"{repo}:v1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "missing.yml" in err

@@ -20,7 +20,7 @@ import httpx
 from mirror.config import ConfigError, Settings, load_settings
 
 DEFAULT_SERVER = "http://127.0.0.1:5001"
-#: A first positional argument ending so, naming an existing file, is the node's config.
+#: A first positional argument ending so is the node's config (see :func:`split_config`).
 CONFIG_SUFFIXES = (".yml", ".yaml")
 
 
@@ -43,8 +43,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, config_positional: boo
 
 
 def split_config(values: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] ARGS...`: the config file, if the first value is one, and the rest."""
-    if values and values[0].endswith(CONFIG_SUFFIXES) and os.path.isfile(values[0]):
+    """`[CONFIG] ARGS...`: the config file, if the first value is one, and the rest.
+
+    The first value is the config when it ends in .yml/.yaml and is a file,
+    or when more values follow (so a mistyped path is reported as a config
+    that cannot be read, not sent to the node as an image name).
+    """
+    if values and values[0].endswith(CONFIG_SUFFIXES) and (os.path.isfile(values[0]) or len(values) > 1):
         return values[0], values[1:]
     return None, values
 

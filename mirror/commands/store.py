@@ -39,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     gc.set_defaults(func=run_gc)
 
     purge = subparsers.add_parser(
-        "purge", help="take content down: REPO (tags, links, unshared blobs), REPO:TAG or REPO@DIGEST")
+        "purge", help="take content down: REPO (tags, links, unshared blobs), REPO:TAG or REPO@DIGEST",
+        usage="mirror purge [-h] [--server SERVER] [--token TOKEN] [--json] [CONFIG] REPO[:TAG|@DIGEST]")
     add_server_arguments(purge, config_positional=False)
-    purge.add_argument("reference", nargs="+", metavar="[CONFIG] REPO[:TAG|@DIGEST]")
+    purge.add_argument("reference", nargs="+", metavar="ARG",
+                       help="the node's config.yml (optional), then REPO, REPO:TAG or REPO@DIGEST")
     purge.add_argument("--json", action="store_true", help="print the raw JSON result")
     purge.set_defaults(func=run_purge)
 
