@@ -9,6 +9,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.api import handlers, middleware
+from mirror.api.server import IN_FLIGHT, InFlight
 from mirror.auth.controller import TOKEN_PATH, install_reload
 from mirror.auth.relay import TokenRelay
 from mirror.config import Settings
@@ -27,8 +28,11 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
     Args:
         transport: an httpx transport for upstream (tests only).
     """
-    app = web.Application(middlewares=[access_log_middleware, middleware.error_middleware],
+    in_flight = InFlight()  # shutdown waits for these, up to mirror.shutdown_grace
+    app = web.Application(middlewares=[in_flight.middleware, access_log_middleware,
+                                       middleware.error_middleware],
                           handler_args={"max_field_size": MAX_HEADER_SIZE, "max_line_size": MAX_HEADER_SIZE})
+    app[IN_FLIGHT] = in_flight
 
     async def node_context(app: web.Application) -> AsyncIterator[None]:
         node = await open_node(settings, transport)

@@ -9,6 +9,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 
 from aiohttp import web
 
@@ -20,6 +21,10 @@ from mirror.logs import setup_logging
 from mirror.storage.blobstore import StoreLayoutError
 
 log = logging.getLogger("mirror")
+
+#: Seconds after the shutdown grace for cutting, unwinding and the flush; the
+#: default 20 s grace thus ends the process by 25 s, inside a 30 s kill.
+FLUSH_BUDGET = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,28 +66,51 @@ def serve_forever(settings: Settings) -> int:
 async def _serve(settings: Settings) -> None:
     from mirror.api.debug import create_debug_app
     from mirror.api.handlers import NODE
-    from mirror.api.server import MirrorRunner
+    from mirror.api.server import CLEANUP_TIMEOUT, CUT_WAIT, MirrorRunner, drain, warn_if_unguarded
     from mirror.app import create_app
 
+    warn_if_unguarded()
     app = create_app(settings)
-    runner = MirrorRunner(app, access_log=None)  # request-header timeout, 75 s keep-alive
+    # request-header timeout, 75 s keep-alive; drain() bounds the shutdown
+    runner = MirrorRunner(app, access_log=None, shutdown_timeout=CLEANUP_TIMEOUT)
     await runner.setup()
-    runners = [runner]
+    debug: web.AppRunner | None = None
     try:
         host, port = settings.http.bind
         await web.TCPSite(runner, host, port, ssl_context=_tls(settings)).start()
         log.info("mirror %s serving on %s:%d, upstream %s, store %s", __version__, host, port,
                  settings.proxy.remoteurl, settings.storage.root)
         if settings.http.debug_bind is not None:
-            debug = web.AppRunner(create_debug_app(app[NODE]), access_log=None)
+            debug = web.AppRunner(create_debug_app(app[NODE]), access_log=None, shutdown_timeout=CUT_WAIT)
             await debug.setup()
-            runners.append(debug)
             await web.TCPSite(debug, *settings.http.debug_bind).start()
             log.info("debug listener on %s:%d", *settings.http.debug_bind)
         await _until_signalled()
+        grace = settings.mirror.shutdown_grace
+        _exit_after(grace + FLUSH_BUDGET)
+        app[NODE].draining = True  # readiness answers 503 from now on
+        await drain(runner, grace)  # the debug listener still answers meanwhile
     finally:
-        for each in reversed(runners):
-            await each.cleanup()
+        if debug is not None:
+            await debug.cleanup()
+        await runner.cleanup()  # the node's cleanup flushes access times, pull counts, events
+    log.info("stopped")
+
+
+def _exit_after(seconds: float) -> None:
+    """The last resort: end the process `seconds` from now, before the platform's SIGKILL.
+
+    Only a stuck thread or flush gets here; the store and SQLite are
+    crash-safe, and a log line saying so beats a silent kill.
+    """
+    def expire() -> None:
+        log.error("shutdown did not finish within %.1fs: exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _raise_nofile_limit() -> None:

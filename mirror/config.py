@@ -52,6 +52,8 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       client_idle_timeout: 60s
       manifest_max_size: 4MiB
       scrub: {interval: 168h}  # re-hash the whole store once per interval, paced; 0 = off
+      shutdown_grace: 20s   # on SIGTERM, requests in flight get this long, then are cut
+      names: []             # other registry names meaning this upstream (containerd's ?ns=)
 
 Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
 Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
@@ -304,6 +306,27 @@ def _remote_url(value: Any, key: str) -> str:
     return _http_url(value, key).rstrip("/")
 
 
+def _registry_names(value: Any, key: str) -> tuple[str, ...]:
+    """Registry host names ("hub.example.com", "10.0.0.5:5000"), lower-cased, as containerd's ?ns=."""
+    names = _strings(value, key)
+    for i, name in enumerate(names):
+        if not _is_registry_host(name):
+            raise ConfigError(f"{key}[{i}]",
+                              f"expected a registry host name (host or host:port), got {name!r}")
+    return tuple(name.lower() for name in names)
+
+
+def _is_registry_host(text: str) -> bool:
+    """`host` or `host:port`, nothing more (no scheme, path or credentials)."""
+    parts = urlsplit(f"//{text}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return False
+    plain = re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", text) is not None
+    return plain and bool(parts.hostname) and parts.netloc == text
+
+
 def _networks(value: Any, key: str) -> tuple[str, ...]:
     """CIDRs in canonical form; host bits are dropped ("10.1.2.3/8" -> "10.0.0.0/8")."""
     networks = []
@@ -500,6 +523,8 @@ class MirrorSettings:
     client_idle_timeout: float = 60.0  # seconds
     manifest_max_size: int = 4 * MiB  # bytes
     scrub: ScrubSettings = field(default_factory=ScrubSettings)
+    shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
+    names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,6 +653,8 @@ _MIRROR_FIELDS = {
     "trusted_proxies": _networks,
     "client_idle_timeout": _positive_duration,
     "manifest_max_size": _positive_size,
+    "shutdown_grace": parse_duration,
+    "names": _registry_names,
 }
 _TOKEN_FIELDS = {
     "realm": _string,

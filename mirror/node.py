@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from mirror.upstream.client import Upstream
 log = logging.getLogger(__name__)
 
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+#: Distinct unknown `?ns=` values logged (each once); later ones are only counted.
+UNKNOWN_NAMESPACES_LOGGED = 100
 
 
 @dataclass
@@ -48,19 +51,53 @@ class Node:
     quota: Quota = field(init=False, repr=False)  # disk quota, eviction, pins, open readers
     integrity: Integrity = field(init=False, repr=False)  # objects hashed on first serve, corrupt ones
     scrubber: Scrubber = field(init=False, repr=False)  # the paced background re-hash of the store
+    draining: bool = field(default=False, init=False)  # SIGTERM received: readiness answers 503
+    unknown_namespaces: set[str] = field(default_factory=set, init=False, repr=False)  # logged once
 
     @property
     def namespaces(self) -> frozenset[str]:
-        """The `?ns=` values (containerd) that name our upstream."""
+        """The `?ns=` values (containerd) that name our upstream, with `mirror.names`."""
         host = urlsplit(self.upstream.base_url).netloc.lower()
         names = {host, host.split(":")[0] if host.endswith((":443", ":80")) else host}
-        if host.split(":")[0] in DOCKER_HUB_HOSTS:
+        names |= set(self.settings.mirror.names)
+        if names & DOCKER_HUB_HOSTS:
             names |= DOCKER_HUB_HOSTS
         return frozenset(names)
+
+    def serves_namespace(self, ns: str) -> bool:
+        """Whether `?ns=ns` names our upstream; an unknown value is counted, and logged once.
+
+        containerd quietly moves on to its next host (across the link) on our
+        404, so an operator who forgot `mirror.names` needs the log to say why.
+        """
+        if ns.lower() in self.namespaces:
+            return True
+        self.metrics.unknown_namespaces.inc()
+        seen = ns[:100].lower()
+        if seen not in self.unknown_namespaces and len(self.unknown_namespaces) < UNKNOWN_NAMESPACES_LOGGED:
+            self.unknown_namespaces.add(seen)
+            log.warning("a client asked for registry %r (?ns=), which is not this node's upstream %s: "
+                        "answered 404; add it to mirror.names if it means this upstream",
+                        seen, self.upstream.base_url)
+        return False
+
+
+def warn_unnamed_upstream(settings: Settings) -> None:
+    """At start: an upstream addressed by IP matches no `?ns=` name containerd sends."""
+    host = urlsplit(settings.proxy.remoteurl).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not settings.mirror.names:
+        log.warning("proxy.remoteurl addresses the upstream by IP (%s) and mirror.names is empty: "
+                    "containerd asks for the registry by name (?ns=) and gets 404 for any other; "
+                    "list the registry's names in mirror.names", host)
 
 
 async def open_node(settings: Settings, transport: object = None) -> Node:
     """Open the store and metadata, sweep leftovers, build the services."""
+    warn_unnamed_upstream(settings)
     store = BlobStore(settings.storage.root)
     store.open()
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")

@@ -51,6 +51,8 @@ def test_source_document_configs_serve(tmp_path: Path, name: str) -> None:
     ({"REGISTRY_PROXY_REMOTEURL": "ftp://x"}, "proxy.remoteurl"),
     ({"REGISTRY_LOG_LEVEL": "loud"}, "log.level"),
     ({"REGISTRY_MIRROR_CACHE_MAX_SIZE": "lots"}, "mirror.cache.max_size"),
+    ({"REGISTRY_MIRROR_SHUTDOWN_GRACE": "soon"}, "mirror.shutdown_grace"),
+    ({"REGISTRY_MIRROR_NAMES": "[https://hub.yun.paic.com.cn]"}, "mirror.names[0]"),
 ])
 def test_bad_value_is_one_line_naming_the_key(tmp_path: Path, env: dict[str, str], key: str) -> None:
     result = run_mirror("serve", str(seed_with_proxy(tmp_path, "public-internal.yml")), env=env)

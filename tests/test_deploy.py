@@ -34,12 +34,14 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import yaml
 
-from mirror.config import Settings, load_settings
+from mirror.cli import FLUSH_BUDGET
+from mirror.config import Settings, load_settings, parse_duration
 from tests.support import images
 from tests.support.authenv import challenge_params
 from tests.support.images import DOCKER_SCHEMA2, MANIFEST_ACCEPT
@@ -52,6 +54,7 @@ DEPLOY = ROOT / "deploy"
 CONFIG = DEPLOY / "config.yml"
 FRONT = DEPLOY / "nginx" / "mirror.conf"
 UNIT = DEPLOY / "systemd" / "mirror.service"
+ENV_FILE = DEPLOY / "systemd" / "mirror.env"
 K8S = DEPLOY / "kubernetes"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -422,6 +425,11 @@ def test_shipped_config_is_the_documented_zone_node(shipped: Settings) -> None:
     assert shipped.mirror.metadata_dir is not None
     assert not shipped.metadata_dir.is_relative_to(shipped.storage.root)
     assert shipped.mirror.trusted_proxies
+    # What the cut-over plan has operators set is in the file, commented where it is a choice.
+    text = CONFIG.read_text()
+    for needle in ("# passthrough_writes: true", "# username:", "# password:", "prewarm"):
+        assert needle in text, needle
+    assert shipped.mirror.names and shipped.mirror.shutdown_grace <= 25
 
 
 def test_hub_mirror_config_differs_only_where_documented(shipped: Settings) -> None:
@@ -520,6 +528,35 @@ def test_systemd_unit_runs_the_shipped_config_hardened(shipped: Settings) -> Non
     writable = {p for value in unit["ReadWritePaths"] for p in value.split()}
     assert writable == {str(shipped.storage.root), str(shipped.metadata_dir)}
     assert "time-sync.target" in one["After"]  # token checks allow 60 s of skew
+    # SIGTERM: the drain, the cut and the flush end before systemd's SIGKILL.
+    assert shipped.mirror.shutdown_grace + FLUSH_BUDGET <= go_seconds(one["TimeoutStopSec"])
+    # The upstream's private CA and the node's own account come from a root-only file.
+    assert one["EnvironmentFile"] == f"-/etc/mirror/{ENV_FILE.name}"
+
+
+def go_seconds(text: str) -> float:
+    """A systemd/Go-style duration ("30s", "1min") in seconds."""
+    return parse_duration(text.replace("min", "m"), "TimeoutStopSec")
+
+
+def test_systemd_environment_file_names_known_settings() -> None:
+    """deploy/systemd/mirror.env: comments and VAR=value; every REGISTRY_* names a key."""
+    variables = {}
+    for line in ENV_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, line
+            variables[name] = value
+        elif line.startswith("#") and re.fullmatch(r"#[A-Z_]+=.*", line):
+            name, _, value = line[1:].partition("=")
+            variables[name] = value or "x"
+    assert "SSL_CERT_FILE" in variables
+    assert {"REGISTRY_PROXY_USERNAME", "REGISTRY_PROXY_PASSWORD"} <= variables.keys()
+    env = {k: v for k, v in variables.items() if k.startswith("REGISTRY_")}
+    settings = load_settings(CONFIG, env)
+    assert settings.unknown_keys == ()
+    assert settings.proxy.username == variables["REGISTRY_PROXY_USERNAME"]
 
 
 def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
@@ -639,6 +676,8 @@ def test_kubernetes_deployment_matches_the_node_config(shipped: Settings, tmp_pa
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two pods on the SQLite
     pod = check_workload(deployment, docs, settings)
+    # SIGTERM: the drain, the cut and the flush end before the kubelet's SIGKILL.
+    assert settings.mirror.shutdown_grace + FLUSH_BUDGET <= pod["terminationGracePeriodSeconds"]
     (pvc,) = of_kind(docs, "PersistentVolumeClaim")
     claims = {
         v["persistentVolumeClaim"]["claimName"]
@@ -828,7 +867,15 @@ def test_client_files_point_at_the_zone_nodes(shipped: Settings) -> None:
     edge = tomllib.loads((CLIENTS / "containerd" / "edge-hosts.toml").read_text())
     assert edge["server"] == shipped.http.host  # names stay the zone's
     assert shipped.http.host not in edge["host"]
-    for hosts in (hub_hosts, edge):
+
+    # The central registry's own name, pulled through the zone node: the node must serve
+    # containerd's ?ns=<that name>, i.e. the name is in the shipped mirror.names.
+    central = tomllib.loads((CLIENTS / "containerd" / "central-hosts.toml").read_text())
+    central_name = urlsplit(central["server"]).hostname
+    assert central["server"] == f"https://{central_name}"
+    assert central_name in shipped.mirror.names
+    assert list(central["host"]) == [shipped.http.host]
+    for hosts in (hub_hosts, edge, central):
         for host in hosts["host"].values():
             assert set(host["capabilities"]) == {"pull", "resolve"}  # a mirror never takes pushes
             assert host["ca"].startswith("/etc/containerd/certs.d/")
@@ -845,3 +892,60 @@ def test_client_files_point_at_the_zone_nodes(shipped: Settings) -> None:
         "NFS",
     ):
         assert needle in readme, needle
+
+
+# --------------------------------------------------------------------------- quick start
+
+QUICK_START = ["./scripts/serve", "./scripts/test"]
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+
+
+def quick_start_commands() -> list[str]:
+    """The commands of README's "Quick start" code block, comments dropped."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_quick_start_is_two_commands_that_exist() -> None:
+    assert quick_start_commands() == QUICK_START
+    for command in QUICK_START:
+        script = ROOT / command
+        assert script.is_file() and script.stat().st_mode & 0o111, command
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("exec ./scripts/test")
+
+
+def test_quick_start_serves_on_a_stock_debian_python(tmp_path: Path) -> None:
+    """`./scripts/serve` as written, with Debian 12's own externally managed Python (PEP 668).
+
+    A copy of the checkout, so the .venv it makes is its own; the address is moved off
+    :5000 through the environment, as an operator could.
+    """
+    if not DEBIAN_PYTHON.exists():
+        pytest.skip("no distribution Python at /usr/bin/python3")
+    managed = subprocess.run([str(DEBIAN_PYTHON), "-c", "import sysconfig, os; print(os.path.exists("
+                              "os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    checkout = tmp_path / "checkout"
+    for name in files:
+        if (ROOT / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    port = free_port()
+    env = {"PYTHON": str(DEBIAN_PYTHON), "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}"}
+    with ManagedProcess(["./scripts/serve"], cwd=checkout, env=env, name="serve") as serve:
+        wait_http(f"http://127.0.0.1:{port}/v2/", timeout=240, process=serve, interval=0.5)
+        log = serve.log_text()
+    venv_python = checkout / ".venv" / "bin" / "python"
+    base = subprocess.run([str(venv_python), "-c", "import sys; print(sys.base_prefix)"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert base == "/usr"  # the venv was made from Debian's Python
+    assert "serving on 127.0.0.1" in log and "externally-managed-environment" not in log
+    if managed == "True":
+        refused = subprocess.run([str(DEBIAN_PYTHON), "-m", "pip", "install", "--dry-run", str(checkout)],
+                                 capture_output=True, text=True)
+        assert refused.returncode != 0  # what the old quick start ran into

@@ -11,14 +11,17 @@ containerd adds ``?ns=<registry host>`` to every request to a mirror:
 
 from __future__ import annotations
 
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror.config import load_settings
 from tests.support import images
 from tests.support.containerd import containerd_unavailable, run_containerd
 from tests.support.images import MANIFEST_ACCEPT
@@ -108,3 +111,38 @@ async def test_ctr_falls_back_to_the_registry_when_ns_names_another(
     assert metric(node, "mirror_http_requests_total", route="blob", status="200") == 0
     # ...and the node never went upstream for it.
     assert relay.count() == 0
+
+
+async def test_ctr_pulls_central_names_through_an_ip_upstream_with_mirror_names(
+    make_mirror: Any, upstream: Any, upstream_client: httpx.AsyncClient, tmp_path: Path,
+) -> None:
+    """The shipped ``central-hosts.toml`` and ``mirror.names`` of the shipped config.
+
+    The node's ``proxy.remoteurl`` is the registry's IP (127.0.0.1), the image is named
+    by the central registry's own name; containerd sends ``?ns=hub.yun.paic.com.cn``, which
+    the node serves because the name is in ``mirror.names``. The registry's own name
+    resolves nowhere here: a pull that went around the node would fail.
+    """
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    names = load_settings(deploy / "config.yml", {}).mirror.names
+    shipped = tomllib.loads((deploy / "clients" / "containerd" / "central-hosts.toml").read_text())
+    registry = urlsplit(shipped["server"]).hostname
+    assert registry in names
+    suffix = uuid.uuid4().hex[:8]
+    image = await images.push_image(upstream_client, upstream.url, f"team/central-{suffix}", "v1",
+                                    layers=[130_000], seed=f"central-{suffix}")
+    node = await make_mirror(upstream.url, names=list(names))
+    reference = f"{registry}/{image.repo}:v1"
+
+    with Relay(node.url) as front, run_containerd(tmp_path / "containerd") as containerd:
+        # The shipped file with the zone node's URL pointing at this node (plain http, no CA).
+        hosts = containerd.write_hosts_toml(registry, server=shipped["server"], mirrors=[front.url])
+        await containerd.pull(reference, hosts_dir=hosts)
+        target = await containerd.image_target(reference)
+        requests = list(front.records)
+        carried_ns = ns_requests(front, registry)
+
+    assert target == image.digest
+    assert requests and len(carried_ns) == len(requests)
+    assert all(r.status == 200 for r in requests), [(r.path_qs, r.status) for r in requests]
+    assert metric(node, "mirror_unknown_namespace_total") == 0

@@ -350,3 +350,49 @@ async def test_lifetime_counters_add_up_across_processes(tmp_path: Path) -> None
         await first.close()
         await second.close()
     assert totals["cache:blob:hit"] == 6 and totals["bytes_saved"] == 100
+async def test_every_operator_command_takes_the_nodes_config(make_mirror, relay, upstream, upstream_client,
+                                                             tmp_path) -> None:
+    """`mirror verify|gc|purge|du|stats|prewarm|top|unpin CONFIG`: address, token, store from the file."""
+    node = await make_mirror(relay.url, admin={"token": TOKEN})
+    repo = repo_name()
+    image = await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[300_000])
+    async with node.client(headers=ACCEPT) as client:
+        assert (await client.get(f"/v2/{repo}/manifests/v1")).status_code == 200
+    async with admin_url(node) as url:
+        config = tmp_path / "node-config.yml"
+        config.write_text(json.dumps({**node.config, "http": {"addr": "127.0.0.1:0",
+                                                              "debug": {"addr": url.split("//")[1]}}}))
+        ran = {name: await cli(*argv) for name, argv in {
+            "prewarm": ("prewarm", str(config), f"{repo}:v1", "--pin"),
+            "unpin": ("unpin", str(config), f"{repo}:v1"),
+            "top": ("top", str(config), "--json"),
+            "du": ("du", str(config), "--json"),
+            "stats": ("stats", str(config)),
+            "verify": ("verify", str(config)),
+            "gc": ("gc", str(config), "--target", "0"),
+            "purge": ("purge", str(config), f"{repo}:v1"),
+        }.items()}
+        wrong_token = await cli("du", str(config), "--token", "not-it")  # flags override the file
+        elsewhere = await cli("du", str(config), "--server", "http://127.0.0.1:9", "--token", TOKEN)
+    for name, (code, _, err) in ran.items():
+        assert code == 0, (name, err)
+    assert "1/1 images" in ran["prewarm"][1] and "unpinned" in ran["unpin"][1]
+    assert json.loads(ran["top"][1])[0]["repository"] == repo
+    assert json.loads(ran["du"][1])["objects"] == 3
+    assert "checked 3 objects" in ran["verify"][1] and "evicted" in ran["gc"][1]
+    assert f"purged {repo}:v1" in ran["purge"][1]
+    assert wrong_token[0] == 1 and "401" in wrong_token[2]
+    assert elsewhere[0] == 1 and "127.0.0.1:9" in elsewhere[2]
+
+    # The store, from the same file, when no node serves it.
+    await node.stop()
+    code, out, err = await cli("verify", "--offline", str(config))
+    assert code == 0 and "checked" in out, err
+    # A config without the admin API is one line naming the key.
+    del node.config["http"]
+    config.write_text(json.dumps(node.config))
+    code, _, err = await cli("stats", str(config))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "http.debug.addr" in err
+    # A mistyped path is a config that cannot be read, never an image name sent to the node.
+    code, _, err = await cli("purge", str(tmp_path / "missing.yml"), f"{repo}:v1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "missing.yml" in err

@@ -49,6 +49,8 @@ async def ready(request: web.Request) -> web.Response:
     packets cannot outlast the platform's probe timeout.
     """
     node = request.app[NODE]
+    if node.draining:  # shutting down: take the node out of rotation at once
+        return web.json_response({"draining": True}, status=503)
     writable = await request.app[STORE_CHECK].writable(node, READY_WAIT)
     link = await node.upstream.health.report(READY_WAIT)
     body = {"store_writable": writable, "upstream_reachable": link["reachable"], "upstream": link}

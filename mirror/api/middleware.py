@@ -147,5 +147,5 @@ def _check_namespace(request: web.Request) -> None:
             next host instead of getting another registry's image by name.
     """
     ns = request.query.get("ns")
-    if ns is not None and ns.lower() not in request.app[handlers.NODE].namespaces:
+    if ns is not None and not request.app[handlers.NODE].serves_namespace(ns):
         raise errors.NameUnknown(f"this mirror does not serve registry {ns[:100]!r}")

@@ -13,13 +13,24 @@ their own pace; `mirror.client_idle_timeout` cuts stalled blob readers).
 This is the node's own defence, so it holds with or without nginx in front;
 `serve` also raises the process's soft `RLIMIT_NOFILE` to its hard limit, so
 thousands of such connections cost descriptors, not the service.
+
+Shutdown is bounded too: aiohttp's own cleanup waits up to 60 s for each
+connection's handler, and then as long again after cancelling it, while
+systemd and Kubernetes kill after 30 s, before the node has flushed anything.
+:func:`drain` stops accepting, gives the requests in flight (counted by
+:class:`InFlight`) `mirror.shutdown_grace`, then cuts what is left, so the
+flush in the application's cleanup always runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+import socket
+import struct
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -35,8 +46,28 @@ HEADER_TIMEOUT = 10.0
 KEEPALIVE_TIMEOUT = 75.0
 
 
+#: Seconds the handlers of cut connections get to unwind before the cleanup goes on.
+CUT_WAIT = 2.0
+#: aiohttp's own per-connection wait in `runner.cleanup()`, after :func:`drain` left none.
+CLEANUP_TIMEOUT = 1.0
+
 #: The aiohttp internals the handler reads; without them it stays out of the way.
 SUPPORTED = all(hasattr(RequestHandler, name) for name in ("_waiter", "_messages", "_request_count"))
+
+
+def warn_if_unguarded() -> bool:
+    """Log a warning when this aiohttp lacks what the header timeout needs; True if guarded.
+
+    The guard reads aiohttp internals; after an upgrade that renamed them it
+    switches itself off rather than break serving, and this says so at start.
+    """
+    if not SUPPORTED:
+        import aiohttp
+
+        log.warning("the request-header timeout (slowloris guard) is INACTIVE: aiohttp %s lacks the "
+                    "internals it needs; install the tested range from pyproject.toml",
+                    aiohttp.__version__)
+    return SUPPORTED
 
 
 class HeaderTimeoutHandler(RequestHandler):
@@ -102,8 +133,94 @@ class HeaderTimeoutServer(web.Server):
         return HeaderTimeoutHandler(self, loop=self._loop, **self._kwargs)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class InFlight:
+    """The requests being handled (their bodies included), so shutdown can wait for them.
+
+    Its :attr:`middleware` goes first in the application's chain: the access
+    log sends bodies inside the chain, so a request counts until its last
+    byte is handed to the socket. aiohttp runs each request in a task of its
+    own, which is what is tracked (and cancelled when the grace is over).
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def middleware(self) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+        @web.middleware
+        async def in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)
+            try:
+                return await handler(request)
+            finally:
+                self.tasks.discard(task)
+
+        return in_flight
+
+    async def wait(self, timeout: float) -> bool:
+        """True once no request is in flight; False if some still are after `timeout` s."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.tasks:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            await asyncio.wait(set(self.tasks), timeout=left)
+        return True
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
+
+
+async def drain(runner: web.AppRunner, grace: float) -> int:
+    """Stop accepting; give the requests in flight `grace` s; cut the rest. Returns how many were cut.
+
+    Idle kept-alive connections close at once, busy ones after their
+    response. A request still running after `grace` (a slow client mid-blob)
+    is cancelled and its connection reset, so the client sees a short body,
+    never a wrong one.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    in_flight = runner.app.get(IN_FLIGHT)
+    if server is None or in_flight is None:
+        return 0
+    server.pre_shutdown()
+    if in_flight.tasks:
+        log.info("draining: %d requests in flight, waiting up to %.1fs", len(in_flight.tasks), grace)
+    if await in_flight.wait(grace):
+        return 0
+    cut = len(in_flight.tasks)
+    log.warning("shutdown grace (%.1fs) over: cutting %d requests still in flight", grace, cut)
+    for connection in server.connections:
+        _zero_linger(connection.transport)  # the close that follows resets
+    in_flight.cancel()
+    await in_flight.wait(CUT_WAIT)
+    return cut
+
+
+def _zero_linger(transport: asyncio.BaseTransport | None) -> None:
+    """Make the socket's close a reset: the kernel drops what a slow client has not read yet."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 class MirrorRunner(web.AppRunner):
     """`web.AppRunner` with the header timeout and a 75 s keep-alive.
+
+    `mirror serve` calls :func:`drain` before `cleanup()`, and builds it with
+    `shutdown_timeout=CLEANUP_TIMEOUT` instead of aiohttp's 60 s.
 
     Args:
         app: the application.

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Any, TextIO
 
-from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.admin.client import AdminClient, add_server_arguments, split_config
 from mirror.commands.table import colour_wanted, paint
 
 POLL = 0.5
@@ -25,24 +25,25 @@ RATE_WINDOW = 5.0  # seconds of polls the shown rate is measured over
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("prewarm", help="fetch images into a running node's cache")
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="repo:tag or repo@digest")
+    parser.add_argument("images", nargs="*", metavar="[CONFIG] IMAGE",
+                        help="the node's config.yml (optional), then repo:tag or repo@digest")
     parser.add_argument("-f", "--file", action="append", default=[],
                         help="a file of images, one a line (# comments); - for stdin")
     parser.add_argument("--platform", default=None,
                         help="os/arch[/variant], a comma list, or all (default linux/amd64)")
     parser.add_argument("--pin", action="store_true", help="exempt the images from eviction")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    add_server_arguments(parser)
+    add_server_arguments(parser, config_positional=False)
     parser.set_defaults(func=run)
 
     unpin = subparsers.add_parser("unpin", help="let pinned images be evicted again")
-    unpin.add_argument("images", nargs="+", metavar="IMAGE")
-    add_server_arguments(unpin)
+    unpin.add_argument("images", nargs="+", metavar="[CONFIG] IMAGE")
+    add_server_arguments(unpin, config_positional=False)
     unpin.set_defaults(func=run_unpin)
 
 
 def read_images(args: argparse.Namespace) -> list[str]:
-    images = list(args.images)
+    args.config, images = split_config(list(args.images))
     for name in args.file:
         handle = sys.stdin if name == "-" else open(name, encoding="utf-8")  # noqa: SIM115
         with handle:
@@ -83,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_unpin(args: argparse.Namespace) -> int:
-    result = AdminClient.from_args(args).call("POST", "/admin/unpin", json={"images": args.images})
+    args.config, images = split_config(list(args.images))
+    if not images:
+        sys.exit("mirror unpin: no images given ([CONFIG] IMAGE...)")
+    result = AdminClient.from_args(args).call("POST", "/admin/unpin", json={"images": images})
     for entry in result["pins"]:
         print(f"unpinned {entry['pin']}: {len(entry['released'])} objects released"
               + (f", {len(entry['kept'])} still pinned by other images" if entry["kept"] else ""))

@@ -1,9 +1,11 @@
 """Store tools: `mirror verify`, `quarantine`, `gc`, `purge`, `du`, `stats`.
 
-All but `verify --store DIR` and `quarantine --store DIR` act on a running
+All but `verify --offline` and `quarantine --store DIR` act on a running
 node through its admin API, so its in-memory state (access times, in-flight
-fetches, open readers) is respected; with `--store DIR` they work on a store
-no node is serving.
+fetches, open readers) is respected; `verify --offline CONFIG` (or `--store
+DIR`) re-hashes a store no node is serving. Each takes the node's config file
+first, as `registry garbage-collect CONFIG` does: the admin address, token
+and store come from it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mirror.admin.client import AdminClient, add_server_arguments
+from mirror.admin.client import AdminClient, add_server_arguments, split_config, store_root
 from mirror.commands.table import colour_wanted, ratio_style, table
 from mirror.storage import quarantine
 from mirror.storage.blobstore import path_for
@@ -30,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify = subparsers.add_parser(
         "verify", help="re-hash the store; quarantine objects whose bytes do not match their digest")
     add_server_arguments(verify)
+    verify.add_argument("--offline", action="store_true",
+                        help="verify CONFIG's store directly (when no node is serving it)")
     verify.add_argument("--store", type=Path, metavar="DIR",
                         help="verify this store directory offline (when no node is serving it)")
     verify.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="hashing threads (default 4)")
@@ -53,9 +57,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     gc.set_defaults(func=run_gc)
 
     purge = subparsers.add_parser(
-        "purge", help="take content down: REPO (tags, links, unshared blobs), REPO:TAG or REPO@DIGEST")
-    add_server_arguments(purge)
-    purge.add_argument("reference", metavar="REPO[:TAG|@DIGEST]")
+        "purge", help="take content down: REPO (tags, links, unshared blobs), REPO:TAG or REPO@DIGEST",
+        usage="mirror purge [-h] [--server SERVER] [--token TOKEN] [--json] [CONFIG] REPO[:TAG|@DIGEST]")
+    add_server_arguments(purge, config_positional=False)
+    purge.add_argument("reference", nargs="+", metavar="ARG",
+                       help="the node's config.yml (optional), then REPO, REPO:TAG or REPO@DIGEST")
     purge.add_argument("--json", action="store_true", help="print the raw JSON result")
     purge.set_defaults(func=run_purge)
 
@@ -87,14 +93,18 @@ def _print_json(result: Any) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    if args.store is not None:
+    if args.store is not None or args.offline:
+        root = args.store or store_root(args)
+        if root is None:
+            print("mirror verify: --offline needs the node's CONFIG (or --store DIR)", file=sys.stderr)
+            return 2
         try:
-            result = verify_offline(args.store, max(1, args.workers)).as_dict()
+            result = verify_offline(root, max(1, args.workers)).as_dict()
         except NotAStore as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             return 2
     else:
-        client = AdminClient(args.server, args.token, timeout=None)  # type: ignore[arg-type]
+        client = AdminClient.from_args(args, timeout=None)
         result = client.call("POST", "/admin/verify", params={"workers": max(1, args.workers)})
     code = EXIT_CORRUPT if result["corrupt"] else 0
     if args.json:
@@ -144,8 +154,7 @@ def _print_quarantine(result: dict[str, Any]) -> None:
 
 def run_gc(args: argparse.Namespace) -> int:
     body = {} if args.target is None else {"target": int(args.target) if args.target.isdigit() else args.target}
-    result = AdminClient(args.server, args.token, timeout=None).call(  # type: ignore[arg-type]
-        "POST", "/admin/gc", json=body)
+    result = AdminClient.from_args(args, timeout=None).call("POST", "/admin/gc", json=body)
     if args.json:
         _print_json(result)
         return 0
@@ -154,7 +163,12 @@ def run_gc(args: argparse.Namespace) -> int:
 
 
 def run_purge(args: argparse.Namespace) -> int:
-    result = AdminClient(args.server, args.token, timeout=None).call(  # type: ignore[arg-type]
+    args.config, rest = split_config(args.reference)
+    if len(rest) != 1:
+        print("mirror purge: expected [CONFIG] REPO[:TAG|@DIGEST]", file=sys.stderr)
+        return 2
+    args.reference = rest[0]
+    result = AdminClient.from_args(args, timeout=None).call(
         "POST", "/admin/purge", json={"reference": args.reference})
     if args.json:
         _print_json(result)

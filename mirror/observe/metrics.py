@@ -66,6 +66,9 @@ class Metrics:
         self.scrub_last_pass = Gauge("mirror_scrub_last_complete_pass_timestamp_seconds",
                                      "When the background scrub last finished a pass over the whole store",
                                      registry=r)
+        self.unknown_namespaces = Counter("mirror_unknown_namespace",
+                                          "Requests whose ?ns= names a registry other than the upstream "
+                                          "(404; see mirror.names)", registry=r)
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Cache outcomes for which a pull event is sent: upstream did not see a GET.
 EVENT_OUTCOMES = frozenset({"hit", "revalidated", "stale"})
+#: Seconds queued pull events get to be delivered at shutdown (inside cli.FLUSH_BUDGET).
+EVENTS_FLUSH = 2.0
 
 
 class Operations:
@@ -65,8 +67,8 @@ class Operations:
         await self.keep_fresh.close()
         await self.notifications.close()
         await self.jobs.close()
-        await self.events.close()
-        self.popularity.save()
+        self.popularity.save()  # before anything that may be slow: the pull counts come first
+        await self.events.close(flush=EVENTS_FLUSH)
 
     # -- the manifest handler's hook ---------------------------------------------
 

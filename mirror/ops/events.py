@@ -19,12 +19,15 @@ at least once (a crash between delivery and removal sends an envelope again;
 receivers already tolerate distribution's duplicates). Unlike distribution,
 the queue is bounded (:data:`QUEUE_LIMIT` events): when an endpoint stays
 down, new events are dropped, counted in
-`mirror_notification_events_dropped_total{endpoint}` and logged.
+`mirror_notification_events_dropped_total{endpoint}` and logged. At shutdown
+the queue gets a short while (`ops.EVENTS_FLUSH`) to be delivered; what is
+left then stays on disk for the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -98,12 +101,23 @@ class EndpointSink:
                      self.endpoint.name, len(self.queue))
         self._task = asyncio.create_task(self._run(), name=f"events-{self.endpoint.name}")
 
-    async def close(self) -> None:
+    async def close(self, flush: float = 0.0) -> None:
+        """Stop sending; first, up to `flush` s to deliver what is queued (shutdown)."""
         if self._task is not None:
+            if flush > 0 and not self._task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained(), flush)
+            if len(self.queue):
+                log.warning("notification endpoint %s: %d pull events not delivered before shutdown "
+                            "(kept on disk for the next start)", self.endpoint.name, len(self.queue))
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._client.aclose()
         self.queue.cache.close()
+
+    async def _drained(self) -> None:
+        while len(self.queue):
+            await asyncio.sleep(0.05)
 
     def wants(self, event: dict[str, Any]) -> bool:
         """False for events this endpoint's `ignore` settings exclude."""
@@ -189,9 +203,9 @@ class PullEvents:
         for sink in self.sinks:
             sink.start()
 
-    async def close(self) -> None:
-        for sink in self.sinks:
-            await sink.close()
+    async def close(self, flush: float = 0.0) -> None:
+        """Close every sink, each first delivering its queue for up to `flush` s (concurrently)."""
+        await asyncio.gather(*(sink.close(flush) for sink in self.sinks))
 
     def pulled(self, *, repository: str, digest: str, media_type: str, size: int, tag: str | None,
                url: str, request: dict[str, str], actor: str | None = None) -> None:

@@ -51,6 +51,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Error codes that mean upstream refused the node's credentials for the image.
+REFUSALS = frozenset({"UNAUTHORIZED", "DENIED"})
+#: A finished job logs this many of its errors, one line each.
+LOGGED_ERRORS = 5
+
 BLOB_CONCURRENCY = 4
 KEEP_JOBS = 100
 SAVE_EVERY = 1.0  # seconds between progress saves of a running job
@@ -351,6 +356,9 @@ class Warmer:
             self.jobs.save(job)
             log.info("prewarm job %s %s: %d blobs (%d cached), %d bytes fetched, %d errors", job.id,
                      job.state, job.blobs_done, job.blobs_cached, job.bytes_fetched, len(job.errors))
+            for entry in job.errors[:LOGGED_ERRORS]:
+                log.warning("prewarm job %s: %s%s: %s", job.id, entry["image"],
+                            f" {entry['digest']}" if "digest" in entry else "", entry["error"])
 
     async def _resolve(self, job: Job, ref: ImageRef, platforms: list[manifests.Platform] | None
                        ) -> Plan | None:
@@ -359,7 +367,7 @@ class Warmer:
             top = await self._manifest(ref.repo, ref.tag, ref.digest)
             listed, images = await self.expand(ref.repo, top, platforms)
         except errors.RegistryError as exc:
-            job.error(ref.text, f"{exc.code}: {exc.message}")
+            job.error(ref.text, self._describe(exc))
             return None
         except Exception as exc:
             log.exception("resolving %s failed", ref.text)
@@ -389,6 +397,19 @@ class Warmer:
             except Exception as exc:
                 log.exception("pinning %s failed", plan.ref.text)
                 job.error(plan.ref.text, f"pinning failed: {exc}")
+
+    def _describe(self, exc: errors.RegistryError) -> str:
+        """A job error; a refusal upstream names whose credentials were refused.
+
+        Prewarm is background work: it runs with the node's own account, so
+        "UNAUTHORIZED" alone sends an operator looking at the wrong password.
+        """
+        text = f"{exc.code}: {exc.message}"
+        if exc.code not in REFUSALS:
+            return text
+        username = self.node.settings.proxy.username
+        whose = f"proxy.username {username}" if username else "anonymous: no proxy.username"
+        return f"refused upstream ({text}) with the node's own account ({whose})"
 
     async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
         if digest is not None:
@@ -423,7 +444,7 @@ class Warmer:
             try:
                 cached, fetched = await self.fetch_blob(ref.repo, descriptor.digest, job)
             except errors.RegistryError as exc:
-                job.error(ref.text, f"{exc.code}: {exc.message}", descriptor.digest)
+                job.error(ref.text, self._describe(exc), descriptor.digest)
                 return
             job.blob_done(descriptor.size, fetched, cached)
             self.jobs.save(job, progress=True)
