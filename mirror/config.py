@@ -39,6 +39,8 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
         high_watermark: 0.95  # eviction starts above this fraction of max_size...
         low_watermark: 0.85   # ...and runs until usage is below this one
       auth: {mode: local, token_proxy: false}   # mode: local | forward
+        # offline_grace: 24h  # with token_proxy: known users get node-signed tokens this long
+        #                     # after their credentials last worked online; 0 = never
       admin: {token: ~}
       passthrough_writes: false
       trusted_proxies: []   # CIDRs (or single IPs) whose forwarding headers are believed
@@ -436,6 +438,7 @@ class CacheSettings:
 class MirrorAuthSettings:
     mode: str = "local"  # local | forward
     token_proxy: bool = False
+    offline_grace: float = 86400.0  # seconds credentials learned online serve offline; 0 = off
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -570,7 +573,8 @@ _UPSTREAM_FIELDS = {
     "max_bandwidth": _bandwidth,
 }
 _CACHE_FIELDS = {"high_watermark": _fraction, "low_watermark": _fraction}
-_MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean}
+_MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean,
+                       "offline_grace": parse_duration}
 _ADMIN_FIELDS = {"token": _string}
 _NOTIFY_FIELDS = {"forward_to": _http_urls}
 _PREFETCH_FIELDS = {

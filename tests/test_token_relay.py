@@ -120,13 +120,14 @@ async def test_refused_credentials_are_passed_back_and_never_cached(node, issuer
     assert issuer.requests == 3
 
 
-async def test_token_service_down_and_nothing_cached_is_unavailable(node, issuer, image) -> None:
+async def test_token_service_down_and_nothing_learned_is_an_auth_failure(node, issuer, image) -> None:
+    """Never 503: that would stop containerd's POST-to-GET fallback and make clients retry."""
     issuer.stop()
     async with node.client() as client:
         response = await client.get("/token", params={"service": SERVICE},
                                     headers={"Authorization": basic("alice", "alice-pw")})
-    assert response.status_code == 503
-    assert error_body(response)[0] == "UNAVAILABLE"
+    assert response.status_code == 401
+    assert error_body(response)[0] == "UNAUTHORIZED"
 
 
 async def test_no_token_route_without_the_relay(make_mirror, relay, pki, issuer, tmp_path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from mirror.admin import jobs, notify, store
+from mirror.admin import jobs, notify, store, users
 
-#: prewarm, jobs, pins and top; notifications in; verify, gc, purge, du and stats.
-ALL: list[ModuleType] = [jobs, notify, store]
+#: prewarm, jobs, pins and top; notifications in; verify, gc, purge, du and stats; learned users.
+ALL: list[ModuleType] = [jobs, notify, store, users]

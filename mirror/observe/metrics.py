@@ -44,6 +44,9 @@ class Metrics:
         self.store_bytes = Gauge("mirror_store_bytes", "Bytes of objects in the store", registry=r)
         self.store_objects = Gauge("mirror_store_objects", "Objects in the store", registry=r)
         self.inflight = Gauge("mirror_inflight_fetches", "Blob fetches in progress", registry=r)
+        self.offline_tokens = Counter("mirror_offline_tokens_issued",
+                                      "Tokens the node signed itself while the auth service was unreachable",
+                                      registry=r)
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""
