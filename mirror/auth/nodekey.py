@@ -75,7 +75,8 @@ class NodeKey:
         """A verifier that accepts this key's tokens only: its issuer, its key, ES256."""
         keys = TrustedKeys(keys=MappingProxyType({self.kid: self.private.public_key()}),
                            sources=("node key",))
-        return TokenVerifier(self.issuer, service, keys, signing_algorithms=(ALGORITHM,))
+        # No leeway: the node checks its own clock, and a token must end with the user's grace.
+        return TokenVerifier(self.issuer, service, keys, signing_algorithms=(ALGORITHM,), leeway=0.0)
 
 
 def _create(path: Path) -> None:
