@@ -399,6 +399,7 @@ async def test_containerd_pulls_with_the_link_cut(make_zone, tmp_path, case_id) 
 
         online = await pull(zone.app, ":".join(ALICE))  # POST password grant, relayed
         assert online.returncode == 0, online.stderr
+        assert any(r.method == "POST" and r.status == 200 for r in zone.auth_link.records)
         await zone.learned(ALICE[0], zone.warm.repo)
         refresh = (await zone.oauth({"grant_type": "password", "username": ALICE[0], "password": ALICE[1],
                                      "access_type": "offline"}, zone.app.repo)).json()["refresh_token"]
@@ -406,8 +407,10 @@ async def test_containerd_pulls_with_the_link_cut(make_zone, tmp_path, case_id) 
         await containerd.ctr_async("images", "rm", f"{zone.node.host}/{zone.app.repo}:v1")
         zone.cut()
         for image in (zone.app, zone.warm):
+            issued = zone.offline_tokens()
             result = await pull(image, ":".join(ALICE))
             assert result.returncode == 0, result.stderr
+            assert zone.offline_tokens() > issued  # answered by the node itself
         for user, image in (("alice:guess", zone.app), (":".join(BOB), zone.app),
                             (":".join(ALICE), zone.secret)):
             result = await pull(image, user)
