@@ -74,6 +74,8 @@ def _offline_authority(node: Node) -> OfflineAuthority | None:
     from mirror.auth.offline import OfflineAuthority, OfflineStore
 
     settings = node.settings
-    return OfflineAuthority(OfflineStore(settings.metadata_dir), NodeKey.load_or_create(settings.metadata_dir),
-                            access.verifier, access.token.service, settings.mirror.auth.offline_grace,
-                            node.metadata.repositories, node.metrics.offline_tokens.inc)
+    directory = settings.metadata_dir
+    return OfflineAuthority(OfflineStore(directory), NodeKey.load_or_create(directory),
+                            access.verifier, access.token.service,
+                            settings.mirror.auth.offline_grace, node.metadata.repositories,
+                            node.metrics.offline_tokens.inc)

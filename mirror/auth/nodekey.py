@@ -67,7 +67,8 @@ class NodeKey:
         claims: dict[str, Any] = {
             "iss": self.issuer, "sub": subject, "aud": audience,
             "exp": now + int(lifetime), "nbf": now - 1, "iat": now, "jti": uuid.uuid4().hex,
-            "access": [{"type": a.type, "name": a.name, "actions": sorted(a.actions)} for a in access],
+            "access": [{"type": a.type, "name": a.name, "actions": sorted(a.actions)}
+                       for a in access],
         }
         return jwt.encode(claims, self.private, algorithm=ALGORITHM, headers={"kid": self.kid})
 
@@ -76,7 +77,8 @@ class NodeKey:
         keys = TrustedKeys(keys=MappingProxyType({self.kid: self.private.public_key()}),
                            sources=("node key",))
         # No leeway: the node checks its own clock, and a token must end with the user's grace.
-        return TokenVerifier(self.issuer, service, keys, signing_algorithms=(ALGORITHM,), leeway=0.0)
+        return TokenVerifier(self.issuer, service, keys, signing_algorithms=(ALGORITHM,),
+                             leeway=0.0)
 
 
 def _create(path: Path) -> None:

@@ -29,6 +29,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -58,6 +59,8 @@ LEARN_INTERVAL = 600.0
 LEARN_BATCH, LEARN_MAX = 25, 1000
 #: Refresh-token verifiers kept per user (newest first).
 MAX_REFRESH_PER_USER = 8
+#: Offline credential checks (scrypt) running at once.
+CONCURRENT_CHECKS = 2
 #: The only action a node-issued token ever grants: the node serves reads.
 OFFLINE_ACTIONS = frozenset({"pull"})
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
@@ -75,8 +78,12 @@ CREATE TABLE IF NOT EXISTS grants (
 def make_verifier(secret: str) -> str:
     """``scrypt$salt$hash`` (base64) of ``secret``; slow on purpose."""
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
-    return "scrypt$" + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+    encoded = (base64.b64encode(part).decode() for part in (salt, _scrypt(secret, salt)))
+    return "scrypt$" + "$".join(encoded)
+
+
+def _scrypt(secret: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
 
 
 def check_verifier(verifier: str, secret: str) -> bool:
@@ -85,7 +92,7 @@ def check_verifier(verifier: str, secret: str) -> bool:
         scheme, salt, expected = verifier.split("$")
         if scheme != "scrypt":
             return False
-        digest = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt), **_SCRYPT)  # type: ignore[arg-type]
+        digest = _scrypt(secret, base64.b64decode(salt))
         return hmac.compare_digest(digest, base64.b64decode(expected))
     except ValueError:
         return False
@@ -93,7 +100,9 @@ def check_verifier(verifier: str, secret: str) -> bool:
 
 def _material(request: TokenRequest) -> str:
     """What the verifier is made of: bound to the user name for passwords."""
-    return f"{request.username}:{request.secret}" if request.flow in (BASIC, PASSWORD) else request.secret
+    if request.flow in (BASIC, PASSWORD):
+        return f"{request.username}:{request.secret}"
+    return request.secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +138,17 @@ class OfflineStore:
 
     def verifier(self, key: str) -> tuple[str, str, float] | None:
         """(subject, verifier, learned_at) filed under ``key``."""
-        rows = self._sql("SELECT subject, verifier, learned_at FROM credentials WHERE key = ?", (key,))
+        rows = self._sql("SELECT subject, verifier, learned_at FROM credentials WHERE key = ?",
+                         (key,))
         return rows[0] if rows else None
 
     def put_verifier(self, key: str, subject: str, verifier: str, now: float) -> None:
-        self._sql("INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?)", (key, subject, verifier, now))
-        self._sql("DELETE FROM credentials WHERE key LIKE 'refresh:%' AND subject = ? AND key NOT IN "
-                  "(SELECT key FROM credentials WHERE key LIKE 'refresh:%' AND subject = ? "
-                  "ORDER BY learned_at DESC LIMIT ?)", (subject, subject, MAX_REFRESH_PER_USER))
+        self._sql("INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?)",
+                  (key, subject, verifier, now))
+        self._sql("DELETE FROM credentials WHERE key LIKE 'refresh:%' AND subject = ? "
+                  "AND key NOT IN (SELECT key FROM credentials WHERE key LIKE 'refresh:%' "
+                  "AND subject = ? ORDER BY learned_at DESC LIMIT ?)",
+                  (subject, subject, MAX_REFRESH_PER_USER))
 
     def touch_verifier(self, key: str, now: float) -> None:
         self._sql("UPDATE credentials SET learned_at = ? WHERE key = ?", (now, key))
@@ -159,8 +171,8 @@ class OfflineStore:
         return {repo: frozenset(actions.split(",")) for repo, actions in rows}
 
     def users(self) -> list[LearnedUser]:
-        rows = self._sql("SELECT subject, COUNT(*), MAX(learned_at) FROM credentials GROUP BY subject "
-                         "ORDER BY subject")
+        rows = self._sql("SELECT subject, COUNT(*), MAX(learned_at) FROM credentials "
+                         "GROUP BY subject ORDER BY subject")
         return [LearnedUser(subject, count, learned_at, tuple(sorted(self.grants(subject, 0.0))))
                 for subject, count, learned_at in rows]
 
@@ -201,6 +213,7 @@ class OfflineAuthority:
         self.issued = issued
         self._learned_at: dict[str, float] = {}  # subject -> last background round (this process)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._checking = asyncio.Semaphore(CONCURRENT_CHECKS)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -242,8 +255,6 @@ class OfflineAuthority:
 
     def _claims(self, body: bytes) -> Claims | None:
         """The verified claims of the token in a central answer (None if unusable)."""
-        import json
-
         try:
             answer = json.loads(body)
             raw = answer.get("access_token") or answer.get("token")
@@ -255,14 +266,14 @@ class OfflineAuthority:
     def _remember_credentials(self, request: TokenRequest, subject: str) -> None:
         now, key = time.time(), request.credentials_key
         known = self.store.verifier(key)
-        if known is not None and known[0] == subject and check_verifier(known[1], _material(request)):
+        material = _material(request)
+        if known is not None and known[0] == subject and check_verifier(known[1], material):
             self.store.touch_verifier(key, now)
         else:
-            self.store.put_verifier(key, subject, make_verifier(_material(request)), now)
+            self.store.put_verifier(key, subject, make_verifier(material), now)
 
     async def _record(self, claims: Claims, asked: tuple[Access, ...]) -> None:
-        answered = {a.name: frozenset(act for g in claims.access
-                                      if g.type == "repository" and g.name == a.name for act in g.actions)
+        answered = {a.name: _actions_on(claims, a.name)
                     for a in asked if a.type == "repository" and "pull" in a.actions}
         if answered:
             await asyncio.to_thread(self.store.record_grants, claims.subject, answered, time.time())
@@ -272,7 +283,8 @@ class OfflineAuthority:
         """Ask what ``subject`` may pull among the cached repositories; hand nothing out."""
         repos = sorted(await self.repositories())[:LEARN_MAX]
         for start in range(0, len(repos), LEARN_BATCH):
-            scopes = tuple(Access.of("repository", r, "pull") for r in repos[start:start + LEARN_BATCH])
+            batch = repos[start:start + LEARN_BATCH]
+            scopes = tuple(Access.of("repository", repo, "pull") for repo in batch)
             response = await forward(request.asking_for(scopes))
             if response.status_code != 200:
                 return
@@ -303,20 +315,48 @@ class OfflineAuthority:
             raise errors.Unauthorized("authentication service unreachable; "
                                       "only known users' credentials are checked offline")
         now = time.time()
-        known = await asyncio.to_thread(self.store.verifier, request.credentials_key)
-        valid = known is not None and known[2] >= now - self.grace and await asyncio.to_thread(
-            check_verifier, known[1], _material(request))
-        if not valid or known is None:
-            raise errors.Unauthorized("incorrect username or password")
-        subject, learned_at = known[0], known[2]
+        subject, learned_at = await self._check(request, now)
         recorded = await asyncio.to_thread(self.store.grants, subject, now - self.grace)
-        granted = [Access("repository", a.name, frozenset(a.actions & recorded.get(a.name, frozenset())
-                                                           & OFFLINE_ACTIONS))
-                   for a in request.scopes if a.type == "repository"]
-        granted = [a for a in granted if a.actions]
+        granted = _granted(request.scopes, recorded)
         lifetime = max(1.0, min(TOKEN_LIFETIME, learned_at + self.grace - now))
         token = self.key.sign(subject, self.service, granted, lifetime)
         self.issued()
-        log.info("offline token for %r: %s", subject, " ".join(a.scope for a in granted) or "no access")
+        log.info("offline token for %r: %s", subject,
+                 " ".join(a.scope for a in granted) or "no access")
         issued_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-        return {"token": token, "access_token": token, "expires_in": int(lifetime), "issued_at": issued_at}
+        return {"token": token, "access_token": token, "expires_in": int(lifetime),
+                "issued_at": issued_at}
+
+    async def _check(self, request: TokenRequest, now: float) -> tuple[str, float]:
+        """(subject, learned_at) of credentials learned within the grace, else Unauthorized.
+
+        Checks run a few at a time: each is a deliberately slow hash, and a
+        flood of wrong passwords must not take every core while the link is down.
+        """
+        known = await asyncio.to_thread(self.store.verifier, request.credentials_key)
+        if known is None or known[2] < now - self.grace:
+            raise errors.Unauthorized("incorrect username or password")
+        async with self._checking:
+            valid = await asyncio.to_thread(check_verifier, known[1], _material(request))
+        if not valid:
+            raise errors.Unauthorized("incorrect username or password")
+        return known[0], known[2]
+
+
+def _granted(asked: tuple[Access, ...], recorded: dict[str, frozenset[str]]) -> list[Access]:
+    """Requested ∩ recorded ∩ pull, per repository; repositories left with nothing dropped."""
+    granted = []
+    for access in asked:
+        if access.type != "repository":
+            continue
+        actions = access.actions & recorded.get(access.name, frozenset()) & OFFLINE_ACTIONS
+        if actions:
+            granted.append(Access("repository", access.name, actions))
+    return granted
+
+
+def _actions_on(claims: Claims, repo: str) -> frozenset[str]:
+    """The actions a verified token grants on one repository."""
+    return frozenset(action for access in claims.access
+                     if access.type == "repository" and access.name == repo
+                     for action in access.actions)

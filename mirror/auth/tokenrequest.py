@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, urlencode
 
@@ -69,7 +70,9 @@ class TokenRequest:
     @property
     def cache_key(self) -> str:
         """The relay's cache key: method, credentials, service and every parameter."""
-        params = self.query if self.method == "GET" else tuple(parse_qsl((self.body or b"").decode()))
+        params = self.query
+        if self.method == "POST":
+            params = tuple(parse_qsl((self.body or b"").decode("utf-8", "replace")))
         material = "\n".join((self.method, dict(self.headers).get("authorization", ""),
                               *sorted(f"{k}={v}" for k, v in params)))
         return hashlib.sha256(material.encode()).hexdigest()
@@ -102,7 +105,8 @@ async def read_token_request(request: web.Request) -> TokenRequest:
     """
     if request.method not in ("GET", "POST"):
         raise errors.Unsupported()
-    headers = tuple((k.lower(), v) for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS)
+    headers = tuple((k.lower(), v) for k, v in request.headers.items()
+                    if k.lower() in FORWARDED_HEADERS)
     query = tuple(request.rel_url.query.items())
     if request.method == "GET":
         flow, username, secret = _basic(request.headers.get("Authorization"))
@@ -128,7 +132,8 @@ def _basic(header: str | None) -> tuple[str, str, str]:
     if scheme.lower() != "basic":
         return OTHER, "", ""
     try:
-        username, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+        username, sep, password = decoded.partition(":")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return OTHER, "", ""
     return (BASIC, username, password) if sep and username else (OTHER, "", "")
@@ -144,8 +149,9 @@ def _grant(form: dict[str, str]) -> tuple[str, str, str]:
     return OTHER, "", ""
 
 
-def _scopes(values: object) -> tuple[Access, ...] | None:
+def _scopes(values: Iterable[str]) -> tuple[Access, ...] | None:
+    """The scopes asked for; None when one is malformed (the node then vouches for nothing)."""
     try:
-        return tuple(a for value in values for a in parse_scopes(value))  # type: ignore[attr-defined]
+        return tuple(a for value in values for a in parse_scopes(value))
     except ValueError:
         return None

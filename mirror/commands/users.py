@@ -12,8 +12,10 @@ from mirror.admin.client import AdminClient, add_server_arguments
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("users", help="list (or forget) the users learned for offline tokens")
-    parser.add_argument("--forget", metavar="NAME", help="forget this user's credentials and grants")
+    parser = subparsers.add_parser("users",
+                                   help="list (or forget) the users learned for offline tokens")
+    parser.add_argument("--forget", metavar="NAME",
+                        help="forget this user's credentials and grants")
     parser.add_argument("--json", action="store_true", help="print the admin API's JSON")
     add_server_arguments(parser)
     parser.set_defaults(func=run)
@@ -36,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'USER':<{width}}  {'LEARNED':<19}  CREDS  REPOSITORIES")
     for user in result["users"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(user["learned_at"]))
-        print(f"{user['name']:<{width}}  {when}  {user['credentials']:>5}  {' '.join(user['repositories'])}")
+        repositories = " ".join(user["repositories"])
+        print(f"{user['name']:<{width}}  {when}  {user['credentials']:>5}  {repositories}")
     return 0

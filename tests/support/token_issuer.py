@@ -479,7 +479,8 @@ class TokenIssuer:
             return web.json_response({"details": str(exc)}, status=400)
         grant_type = form.get("grant_type")
         if grant_type == "password":
-            user, acls = self._check_password(str(form.get("username", "")), str(form.get("password", "")))
+            user, acls = self._check_password(str(form.get("username", "")),
+                                              str(form.get("password", "")))
         elif grant_type == "refresh_token":
             user = self.refresh_tokens.get(str(form.get("refresh_token", "")))
             acls = [self.users[user][1], self.anonymous] if user in self.users else None
