@@ -121,6 +121,12 @@ class Zone:
             return await client.get(f"/v2/{image.repo}/manifests/v1",
                                     headers={"Accept": MANIFEST_ACCEPT, **bearer(token)})
 
+    async def knows(self, user: str, credentials: int) -> bool:
+        """True once the node filed ``credentials`` verifiers for ``user``."""
+        async with httpx.AsyncClient(base_url=self.admin_url, timeout=30) as admin:
+            users = {u["name"]: u for u in (await admin.get("/admin/users")).json()["users"]}
+        return users.get(user, {}).get("credentials", 0) >= credentials
+
     async def learned(self, user: str, repo: str, timeout: float = 30.0) -> None:
         """Wait until the node learned (in the background) that ``user`` may pull ``repo``."""
         deadline = time.monotonic() + timeout
@@ -131,6 +137,14 @@ class Zone:
                     return
                 assert time.monotonic() < deadline, users
                 await asyncio.sleep(0.1)
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> None:
+    """Poll an async condition (background learning) until true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.1)
 
 
 def metric(node: Any, family: str) -> float:
@@ -240,7 +254,13 @@ async def go_online_as_alice(zone: Zone, tmp_path: Path) -> None:
 async def test_link_cut_known_users_pull_with_skopeo(make_zone, tmp_path, case_id) -> None:
     zone = await make_zone()
     await go_online_as_alice(zone, tmp_path)
+    # A refresh token handed out online (docker login's identity token) and never used online.
+    refresh = (await zone.token(ALICE, offline_token="true")).json()["refresh_token"]
+    await wait_for(lambda: zone.knows(ALICE[0], credentials=2))
     zone.cut()
+    by_refresh = await zone.oauth({"grant_type": "refresh_token", "refresh_token": refresh},
+                                  zone.app.repo)
+    assert claims_of(token_of(by_refresh))["sub"] == ALICE[0]
     for image in (zone.app, zone.warm):
         result = await skopeo_copy(zone, image, tmp_path / f"off-{image.repo.split('/')[1]}", *ALICE)
         assert result.returncode == 0, result.stderr
@@ -358,7 +378,11 @@ async def test_offline_grace_zero_turns_offline_tokens_off(make_zone, tmp_path, 
                                      "password": ALICE[1]}, zone.app.repo)):
         assert answer.status_code == 401 and error_body(answer)[0] == "UNAUTHORIZED"
     assert zone.offline_tokens() == 0
-    assert not (Path(zone.node.settings.metadata_dir) / KEY_FILE).exists()
+    async with httpx.AsyncClient(base_url=zone.admin_url, timeout=30) as admin:
+        assert (await admin.get("/admin/users")).json() == {"offline_grace": 0, "users": []}
+        assert (await admin.delete("/admin/users/alice")).status_code == 404
+    metadata = Path(zone.node.settings.metadata_dir)
+    assert not (metadata / KEY_FILE).exists() and not (metadata / DB_FILE).exists()
 
 
 @pytest.mark.parametrize("case_id", [case("R-AUTH-08")])

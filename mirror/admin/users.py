@@ -19,10 +19,14 @@ from mirror import errors
 from mirror.api.handlers import NODE
 
 
-def _with_store(request: web.Request, work: Any) -> Any:
-    from mirror.auth.offline import OfflineStore
+def _with_store(request: web.Request, work: Any, nothing: Any) -> Any:
+    """``work(store)``, or ``nothing`` when the node never learned anyone (no file made)."""
+    from mirror.auth.offline import DB_FILE, OfflineStore
 
-    store = OfflineStore(request.app[NODE].settings.metadata_dir)
+    directory = request.app[NODE].settings.metadata_dir
+    if not (directory / DB_FILE).exists():
+        return nothing
+    store = OfflineStore(directory)
     try:
         return work(store)
     finally:
@@ -30,7 +34,7 @@ def _with_store(request: web.Request, work: Any) -> Any:
 
 
 async def list_users(request: web.Request) -> web.Response:
-    users = await asyncio.to_thread(_with_store, request, lambda store: store.users())
+    users = await asyncio.to_thread(_with_store, request, lambda store: store.users(), [])
     auth = request.app[NODE].settings.mirror.auth
     return web.json_response({
         "offline_grace": auth.offline_grace if auth.token_proxy else 0,
@@ -41,7 +45,8 @@ async def list_users(request: web.Request) -> web.Response:
 
 async def forget_user(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    forgotten = await asyncio.to_thread(_with_store, request, lambda store: store.forget(name))
+    forgotten = await asyncio.to_thread(_with_store, request, lambda store: store.forget(name),
+                                        False)
     if not forgotten:
         raise errors.RegistryError(f"no learned user {name!r}", status=404)
     return web.json_response({"forgotten": name})

@@ -46,7 +46,7 @@ from mirror import errors
 from .access import Access
 from .nodekey import NodeKey
 from .token import Claims, InvalidToken, TokenVerifier
-from .tokenrequest import BASIC, PASSWORD, REFRESH, TokenRequest
+from .tokenrequest import BASIC, PASSWORD, REFRESH, TokenRequest, refresh_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ LEARN_INTERVAL = 600.0
 LEARN_BATCH, LEARN_MAX = 25, 1000
 #: Refresh-token verifiers kept per user (newest first).
 MAX_REFRESH_PER_USER = 8
+#: Credentials remembered as recently confirmed (memory only), before the map is reset.
+MAX_CONFIRMED = 10_000
 #: Offline credential checks (scrypt) running at once.
 CONCURRENT_CHECKS = 2
 #: The only action a node-issued token ever grants: the node serves reads.
@@ -150,8 +152,12 @@ class OfflineStore:
                   "AND subject = ? ORDER BY learned_at DESC LIMIT ?)",
                   (subject, subject, MAX_REFRESH_PER_USER))
 
-    def touch_verifier(self, key: str, now: float) -> None:
-        self._sql("UPDATE credentials SET learned_at = ? WHERE key = ?", (now, key))
+    def touch_verifier(self, key: str, subject: str, now: float) -> bool:
+        """Mark a verifier confirmed now; False when there is none for ``subject`` under ``key``."""
+        with self._lock:
+            cursor = self._db.execute("UPDATE credentials SET learned_at = ? "
+                                      "WHERE key = ? AND subject = ?", (now, key, subject))
+            return cursor.rowcount > 0
 
     def drop_verifier(self, key: str) -> None:
         self._sql("DELETE FROM credentials WHERE key = ?", (key,))
@@ -214,6 +220,8 @@ class OfflineAuthority:
         self._learned_at: dict[str, float] = {}  # subject -> last background round (this process)
         self._tasks: set[asyncio.Task[None]] = set()
         self._checking = asyncio.Semaphore(CONCURRENT_CHECKS)
+        self._process_key = secrets.token_bytes(32)
+        self._confirmed: dict[bytes, float] = {}  # keyed hash of credentials -> confirmed at
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -247,6 +255,10 @@ class OfflineAuthority:
         if claims is None or not claims.subject or not request.credentials_key:
             return
         await asyncio.to_thread(self._remember_credentials, request, claims.subject)
+        handed_out = _refresh_token_in(body)
+        if handed_out:  # docker and containerd log in with it later: learn it now
+            await asyncio.to_thread(self._remember, refresh_key(handed_out), handed_out,
+                                    claims.subject)
         await self._record(claims, request.scopes or ())
         last = self._learned_at.get(claims.subject, 0.0)
         if time.monotonic() - last >= LEARN_INTERVAL or not last:
@@ -264,13 +276,28 @@ class OfflineAuthority:
             return None
 
     def _remember_credentials(self, request: TokenRequest, subject: str) -> None:
-        now, key = time.time(), request.credentials_key
+        self._remember(request.credentials_key, _material(request), subject)
+
+    def _remember(self, key: str, material: str, subject: str) -> None:
+        """File a verifier for credentials the auth service just accepted.
+
+        The slow hash is skipped for credentials this process confirmed
+        recently (a keyed fast hash, in memory only): the same user pulling
+        all day costs one scrypt per :data:`LEARN_INTERVAL`, not one per token.
+        """
+        now = time.time()
+        seen = hmac.new(self._process_key, f"{key}\n{material}".encode(), "sha256").digest()
+        if now - self._confirmed.get(seen, -LEARN_INTERVAL) < LEARN_INTERVAL and \
+                self.store.touch_verifier(key, subject, now):
+            return
         known = self.store.verifier(key)
-        material = _material(request)
         if known is not None and known[0] == subject and check_verifier(known[1], material):
-            self.store.touch_verifier(key, now)
+            self.store.touch_verifier(key, subject, now)
         else:
             self.store.put_verifier(key, subject, make_verifier(material), now)
+        if len(self._confirmed) >= MAX_CONFIRMED:
+            self._confirmed.clear()
+        self._confirmed[seen] = now
 
     async def _record(self, claims: Claims, asked: tuple[Access, ...]) -> None:
         answered = {a.name: _actions_on(claims, a.name)
@@ -360,3 +387,12 @@ def _actions_on(claims: Claims, repo: str) -> frozenset[str]:
     return frozenset(action for access in claims.access
                      if access.type == "repository" and access.name == repo
                      for action in access.actions)
+
+
+def _refresh_token_in(body: bytes) -> str | None:
+    """The refresh token a central answer handed out (``offline_token`` / ``access_type``)."""
+    try:
+        value = json.loads(body).get("refresh_token")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None

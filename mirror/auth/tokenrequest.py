@@ -64,7 +64,7 @@ class TokenRequest:
         if self.flow in (BASIC, PASSWORD):
             return f"user:{self.username}"
         if self.flow == REFRESH:
-            return "refresh:" + hashlib.sha256(self.secret.encode()).hexdigest()[:16]
+            return refresh_key(self.secret)
         return ""
 
     @property
@@ -94,6 +94,11 @@ class TokenRequest:
         raw = base64.b64encode(f"{self.username}:{self.secret}".encode()).decode()
         return replace(self, method="GET", flow=BASIC, scopes=scopes, query=tuple(query), body=None,
                        headers=(("authorization", f"Basic {raw}"),))
+
+
+def refresh_key(refresh_token: str) -> str:
+    """Where a refresh token's verifier is filed: a short prefix of its hash, not the token."""
+    return "refresh:" + hashlib.sha256(refresh_token.encode()).hexdigest()[:16]
 
 
 async def read_token_request(request: web.Request) -> TokenRequest:
