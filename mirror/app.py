@@ -75,7 +75,7 @@ def _offline_authority(node: Node) -> OfflineAuthority | None:
 
     settings = node.settings
     directory = settings.metadata_dir
-    return OfflineAuthority(OfflineStore(directory), NodeKey.load_or_create(directory),
+    return OfflineAuthority(OfflineStore(directory), NodeKey.for_settings(settings),
                             access.verifier, access.token.service,
                             settings.mirror.auth.offline_grace, node.metadata.repositories,
                             node.metrics.offline_tokens.inc)

@@ -41,6 +41,8 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       auth: {mode: local, token_proxy: false}   # mode: local | forward
         # offline_grace: 24h  # with token_proxy: known users get node-signed tokens this long
         #                     # after their credentials last worked online; 0 = never
+        # offline_key: ~      # the key node tokens are signed with; give every node behind
+        #                     # one front the same file. Default <metadata_dir>/node-token-key.pem
       admin: {token: ~}
       passthrough_writes: false
       trusted_proxies: []   # CIDRs (or single IPs) whose forwarding headers are believed
@@ -439,6 +441,7 @@ class MirrorAuthSettings:
     mode: str = "local"  # local | forward
     token_proxy: bool = False
     offline_grace: float = 86400.0  # seconds credentials learned online serve offline; 0 = off
+    offline_key: Path | None = None  # node token key; None = <metadata_dir>/node-token-key.pem
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -574,7 +577,7 @@ _UPSTREAM_FIELDS = {
 }
 _CACHE_FIELDS = {"high_watermark": _fraction, "low_watermark": _fraction}
 _MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean,
-                       "offline_grace": parse_duration}
+                       "offline_grace": parse_duration, "offline_key": _path}
 _ADMIN_FIELDS = {"token": _string}
 _NOTIFY_FIELDS = {"forward_to": _http_urls}
 _PREFETCH_FIELDS = {

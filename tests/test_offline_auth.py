@@ -61,6 +61,8 @@ CASES = {
                  "and her offline credentials are forgotten",
     "R-AUTH-07": "offline_grace: 0: no node tokens, a 401 for everyone while the auth service is unreachable",
     "R-AUTH-08": "a node-signed token is never sent upstream: an uncached pull on it uses the node's account",
+    "R-AUTH-09": "two nodes of a zone with one offline_key: a token one node signed during the cut is "
+                 "accepted by the other; a node with its own key refuses it",
 }
 
 ALICE, BOB, NODE_ACCOUNT = ("alice", "alice-pw"), ("bob", "bob-pw"), ("node", "node-pw")
@@ -87,6 +89,10 @@ class Zone:
     secret: images.Image  # prewarmed; alice may not pull it
     admin_url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def node_config(self) -> dict[str, Any]:
+        """A config for another node of this zone (set by the fixture)."""
+        raise NotImplementedError
 
     def cut(self) -> None:
         self.link.down = self.auth_link.down = True
@@ -182,7 +188,7 @@ async def make_zone(make_mirror: Any, ca: Any, tmp_path: Path) -> AsyncIterator[
     stack = contextlib.ExitStack()
     runners: list[web.AppRunner] = []
 
-    async def make(grace: str = "24h", prefix: str = "team") -> Zone:
+    async def make(grace: str = "24h", prefix: str = "team", **mirror_auth: str) -> Zone:
         suffix = uuid.uuid4().hex[:8]
         app, warm, secret = (f"{prefix}/{kind}-{suffix}" for kind in ("app", "warm", "secret"))
         users = {ALICE[0]: (ALICE[1], {app: {"pull"}, warm: {"pull"}}),
@@ -198,12 +204,12 @@ async def make_zone(make_mirror: Any, ca: Any, tmp_path: Path) -> AsyncIterator[
                 pushed.append(await images.push_image(
                     client, central.registry.url, repo, "v1", layers=[60_000, 3_000], seed=repo,
                     headers=bearer(central.admin_token(repo))))
-        config = node_config(tmp_path, link.url,
-                             auth={"token": token_block(ca.cert_path, f"{auth_link.url}/token")},
-                             proxy={"username": NODE_ACCOUNT[0], "password": NODE_ACCOUNT[1]},
-                             mirror_auth={"token_proxy": True, "offline_grace": grace})
-        node = await make_mirror(link.url, config=config)
-        zone = Zone(central, link, auth_link, node, *pushed)
+        zone = Zone(central, link, auth_link, None, *pushed)
+        zone.node_config = lambda: node_config(  # type: ignore[method-assign]
+            tmp_path, link.url, auth={"token": token_block(ca.cert_path, f"{auth_link.url}/token")},
+            proxy={"username": NODE_ACCOUNT[0], "password": NODE_ACCOUNT[1]},
+            mirror_auth={"token_proxy": True, "offline_grace": grace, **mirror_auth})
+        node = zone.node = await make_mirror(link.url, config=zone.node_config())
         runner = web.AppRunner(create_debug_app(node.node))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -510,3 +516,25 @@ def test_case_table_is_complete() -> None:
     source = Path(__file__).read_text()
     for case_id in CASES:
         assert source.count(f'"{case_id}"') >= 2, case_id
+
+
+@pytest.mark.parametrize("case_id", [case("R-AUTH-09")])
+async def test_nodes_sharing_offline_key_accept_each_others_tokens(make_zone, make_mirror, tmp_path,
+                                                                   case_id) -> None:
+    shared = tmp_path / "zone-offline-key.pem"
+    zone = await make_zone(offline_key=str(shared))
+    other = await make_mirror(zone.link.url, config=zone.node_config())  # the same offline_key
+    config = zone.node_config()
+    config["mirror"]["auth"].pop("offline_key")
+    stranger = await make_mirror(zone.link.url, config=config)  # a key of its own
+    for node in (other, stranger):
+        await prewarm(node, zone.app.repo)
+    await go_online_as_alice(zone, tmp_path)
+    zone.cut()
+    token = token_of(await zone.token(ALICE, zone.app.repo))
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o600
+    for node, status in ((other, 200), (stranger, 401)):
+        async with node.client() as client:
+            got = await client.get(f"/v2/{zone.app.repo}/manifests/v1",
+                                   headers={"Accept": MANIFEST_ACCEPT, **bearer(token)})
+        assert got.status_code == status, got.text

@@ -112,7 +112,7 @@ class TokenAccess:
             return None
         from mirror.auth.nodekey import NodeKey
 
-        return NodeKey.load_or_create(self.settings.metadata_dir).verifier(self.token.service)
+        return NodeKey.for_settings(self.settings).verifier(self.token.service)
 
     def node_issued(self, claims: Claims) -> bool:
         """True for a token this node signed: never to be sent upstream."""

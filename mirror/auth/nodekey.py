@@ -5,6 +5,11 @@ metadata, readable by the node's user only (0600), so a node restarted during
 a cut still accepts the tokens it issued before. Created with a link-into-place
 so that several processes starting at once end up with one key.
 
+Several nodes behind one front (nginx hashing requests over them) must accept
+each other's tokens: give them one key with ``mirror.auth.offline_key`` (a PEM
+file the operator distributes like a TLS key, or lets the first node write to
+a path they share).
+
 The key signs as its own issuer (``mirror-node/<thumbprint>``): the central
 auth service's issuer and keys are never borrowed, so a node token can never
 pass for a central one, here or upstream.
@@ -25,6 +30,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mirror.config import Settings
+
 from .access import Access, KeyLoadError
 from .keys import TrustedKeys, jwk_thumbprint, libtrust_key_id
 from .token import TokenVerifier
@@ -42,14 +49,19 @@ class NodeKey:
     issuer: str
 
     @classmethod
-    def load_or_create(cls, directory: Path) -> NodeKey:
-        """The key in ``directory``, generating it first if there is none.
+    def for_settings(cls, settings: Settings) -> NodeKey:
+        """``mirror.auth.offline_key``, else ``<metadata_dir>/node-token-key.pem``."""
+        return cls.load_or_create(settings.mirror.auth.offline_key
+                                  or settings.metadata_dir / KEY_FILE)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> NodeKey:
+        """The key in ``path``, generating it first if there is none.
 
         Raises:
             OSError: the directory or key file cannot be read or written.
             KeyLoadError: the key file holds something other than an EC P-256 key.
         """
-        path = directory / KEY_FILE
         if not path.exists():
             _create(path)
         try:
