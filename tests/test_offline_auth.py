@@ -538,3 +538,26 @@ async def test_nodes_sharing_offline_key_accept_each_others_tokens(make_zone, ma
             got = await client.get(f"/v2/{zone.app.repo}/manifests/v1",
                                    headers={"Accept": MANIFEST_ACCEPT, **bearer(token)})
         assert got.status_code == status, got.text
+
+
+async def test_token_requests_the_node_cannot_vouch_for(make_zone, tmp_path) -> None:
+    """Oversized forms are refused before anything; odd credentials are never vouched for."""
+    zone = await make_zone()
+    await go_online_as_alice(zone, tmp_path)
+    async with zone.node.client() as client:
+        huge = await client.post("/token", content=b"a=" + b"x" * 70_000,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        zone.cut()
+        no_colon = await client.get("/token", params={"service": SERVICE}, headers={
+            "Authorization": "Basic " + base64.b64encode(b"alice").decode()})
+        bearer_only = await client.get("/token", params={"service": SERVICE},
+                                       headers=bearer("x.y.z"))
+        bad_scope = await client.get("/token", params={"service": SERVICE, "scope": "nonsense"},
+                                     headers={"Authorization": basic(*ALICE)})
+        unknown_grant = await zone.oauth({"grant_type": "client_credentials"}, zone.app.repo)
+        put = await client.put("/token")
+    assert huge.status_code == 413
+    for answer in (no_colon, bearer_only, bad_scope, unknown_grant):
+        assert answer.status_code == 401 and error_body(answer)[0] == "UNAUTHORIZED", answer.text
+    assert put.status_code in (400, 405)
+    assert zone.offline_tokens() == 0

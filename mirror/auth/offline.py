@@ -36,7 +36,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,9 @@ LEARN_INTERVAL = 600.0
 LEARN_BATCH, LEARN_MAX = 25, 1000
 #: Refresh-token verifiers kept per user (newest first).
 MAX_REFRESH_PER_USER = 8
+#: Learning tasks (each may hash and ask the auth service) pending at most; beyond, answers
+#: are relayed without being learned.
+MAX_PENDING = 256
 #: Credentials remembered as recently confirmed (memory only), before the map is reset.
 MAX_CONFIRMED = 10_000
 #: Offline credential checks (scrypt) running at once.
@@ -240,7 +243,13 @@ class OfflineAuthority:
         if request.credentials_key:
             self._spawn(self._forget_if_known(request))
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, unless too much learning is already pending."""
+        if len(self._tasks) >= MAX_PENDING:
+            work.close()
+            log.warning("offline auth: %d learning tasks pending, not learning this answer",
+                        len(self._tasks))
+            return
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
