@@ -127,6 +127,11 @@ class Zone:
             return await client.get(f"/v2/{image.repo}/manifests/v1",
                                     headers={"Accept": MANIFEST_ACCEPT, **bearer(token)})
 
+    async def settled(self) -> None:
+        """Wait until the node has finished learning from what it relayed."""
+        offline = self.node.runner.app[TOKEN_RELAY].offline
+        await wait_for(lambda: _true_when(offline.pending == 0))
+
     async def knows(self, user: str, credentials: int) -> bool:
         """True once the node filed ``credentials`` verifiers for ``user``."""
         async with httpx.AsyncClient(base_url=self.admin_url, timeout=30) as admin:
@@ -143,6 +148,10 @@ class Zone:
                     return
                 assert time.monotonic() < deadline, users
                 await asyncio.sleep(0.1)
+
+
+async def _true_when(value: bool) -> bool:
+    return value
 
 
 async def wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> None:
@@ -251,6 +260,7 @@ async def go_online_as_alice(zone: Zone, tmp_path: Path) -> None:
     result = await skopeo_copy(zone, zone.app, tmp_path / "online", *ALICE)
     assert result.returncode == 0, result.stderr
     await zone.learned(ALICE[0], zone.warm.repo)
+    await zone.settled()
 
 
 # ------------------------------------------------------------------------ skopeo, API, restart
@@ -321,6 +331,7 @@ async def test_after_offline_grace_everything_is_refused(make_zone, tmp_path, ca
     refresh = (await zone.oauth({"grant_type": "password", "username": ALICE[0], "password": ALICE[1],
                                  "access_type": "offline"}, zone.app.repo)).json()["refresh_token"]
     await zone.oauth({"grant_type": "refresh_token", "refresh_token": refresh}, zone.app.repo)
+    await zone.settled()
     cut_at = time.time()  # everything was learned before this
     zone.cut()
     early = await zone.token(ALICE, zone.app.repo)

@@ -226,6 +226,11 @@ class OfflineAuthority:
         self._process_key = secrets.token_bytes(32)
         self._confirmed: dict[bytes, float] = {}  # keyed hash of credentials -> confirmed at
 
+    @property
+    def pending(self) -> int:
+        """Learning tasks still running (tests wait for 0 before cutting the link)."""
+        return len(self._tasks)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
