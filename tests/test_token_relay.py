@@ -2,7 +2,9 @@
 
 The central token service is the TokenIssuer stand-in (its requests are
 counted); the registry behind the node is the shared open upstream, through
-the counting relay, so "the link" can be cut on both sides.
+the counting relay, so "the link" can be cut on both sides. Offline tokens are
+off here (`offline_grace: 0`), so the issuer's count is the relay's alone: the
+background questions they add are tested in ``tests/test_offline_auth.py``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def issuer(pki: SimpleNamespace, image: images.Image) -> Iterator[TokenIssuer]:
 async def relay_node(make_mirror: Any, relay: Any, pki: SimpleNamespace, issuer: TokenIssuer,
                      tmp_path: Path, **http: Any) -> Any:
     config = node_config(tmp_path, relay.url, auth={"token": token_block(pki.ca.cert_path, issuer.url)},
-                         mirror_auth={"token_proxy": True}, http=http)
+                         mirror_auth={"token_proxy": True, "offline_grace": 0}, http=http)
     return await make_mirror(relay.url, config=config)
 
 
