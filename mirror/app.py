@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import httpx
 from aiohttp import web
@@ -10,12 +11,15 @@ from aiohttp import web
 from mirror import errors
 from mirror.api import handlers, middleware
 from mirror.api.server import IN_FLIGHT, InFlight
-from mirror.auth.controller import TOKEN_PATH, install_reload
+from mirror.auth.controller import TOKEN_PATH, TokenAccess, install_reload
 from mirror.auth.relay import TokenRelay
 from mirror.config import Settings
-from mirror.node import close_node, open_node
+from mirror.node import Node, close_node, open_node
 from mirror.observe.accesslog import access_log_middleware
 from mirror.upstream.tls import verify_setting
+
+if TYPE_CHECKING:
+    from mirror.auth.offline import OfflineAuthority
 
 TOKEN_RELAY: web.AppKey[TokenRelay] = web.AppKey("token_relay", TokenRelay)
 
@@ -40,10 +44,13 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
         install_reload(node.access)
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False,
                                      verify=verify_setting()) as token_client:
+            offline = _offline_authority(node)
             if settings.auth.token is not None and settings.mirror.auth.token_proxy:
-                relay = TokenRelay(settings.auth.token.realm, token_client)
+                relay = TokenRelay(settings.auth.token.realm, token_client, offline)
                 app[TOKEN_RELAY] = relay
             yield
+            if offline is not None:
+                await offline.close()
         await close_node(node)
 
     app.cleanup_ctx.append(node_context)
@@ -74,3 +81,19 @@ async def _token(request: web.Request) -> web.StreamResponse:
     if relay is None:
         raise errors.NameUnknown("no such route", status=404)
     return await relay.handle(request)
+
+
+def _offline_authority(node: Node) -> OfflineAuthority | None:
+    """Offline tokens: on with the token relay unless `mirror.auth.offline_grace: 0`."""
+    access = node.access
+    if not isinstance(access, TokenAccess) or access.node_verifier is None:
+        return None
+    from mirror.auth.nodekey import NodeKey
+    from mirror.auth.offline import OfflineAuthority, OfflineStore
+
+    settings = node.settings
+    directory = settings.metadata_dir
+    return OfflineAuthority(OfflineStore(directory), NodeKey.for_settings(settings),
+                            access.verifier, access.token.service,
+                            settings.mirror.auth.offline_grace, node.metadata.repositories,
+                            node.metrics.offline_tokens.inc)

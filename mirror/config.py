@@ -43,7 +43,13 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
         max_size: ~         # bytes, "200GiB", or a share of the disk "80%"; unset = unbounded
         high_watermark: 0.95  # eviction starts above this fraction of max_size...
         low_watermark: 0.85   # ...and runs until usage is below this one
-      auth: {mode: local, token_proxy: false}   # mode: local | forward
+      auth:
+        mode: local           # local | forward
+        token_proxy: false
+        offline_grace: 24h    # with token_proxy: known users get node-signed tokens this long
+                              # after their credentials last worked online; 0 = never
+        offline_key: ~        # the key node tokens are signed with; give every node behind
+                              # one front the same file. Default <metadata_dir>/node-token-key.pem
       admin: {token: ~, trust_loopback: true}   # the token authorizes purge, gc, prewarm...
       passthrough_writes: false
       trusted_proxies: []   # CIDRs (or single IPs) whose forwarding headers are believed
@@ -471,6 +477,8 @@ class CacheSettings:
 class MirrorAuthSettings:
     mode: str = "local"  # local | forward
     token_proxy: bool = False
+    offline_grace: float = 86400.0  # seconds credentials learned online serve offline; 0 = off
+    offline_key: Path | None = None  # node token key; None = <metadata_dir>/node-token-key.pem
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -635,7 +643,8 @@ _UPSTREAM_FIELDS = {
     "max_bandwidth": _bandwidth,
 }
 _CACHE_FIELDS = {"high_watermark": _fraction, "low_watermark": _fraction}
-_MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean}
+_MIRROR_AUTH_FIELDS = {"mode": _one_of("local", "forward"), "token_proxy": _boolean,
+                       "offline_grace": parse_duration, "offline_key": _path}
 _ADMIN_FIELDS = {"token": _string, "trust_loopback": _boolean}
 _NOTIFY_FIELDS = {"forward_to": _http_urls, "token": _string, "allow_insecure_forward": _boolean}
 _PREFETCH_FIELDS = {

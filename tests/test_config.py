@@ -76,6 +76,7 @@ def test_mirror_defaults():
     assert (mirror.cache.max_size, mirror.cache.max_size_percent) == (None, None)
     assert (mirror.cache.high_watermark, mirror.cache.low_watermark) == (0.95, 0.85)
     assert (mirror.auth.mode, mirror.auth.token_proxy, mirror.admin.token) == ("local", False, None)
+    assert (mirror.auth.offline_grace, mirror.auth.offline_key) == (86400.0, None)
     assert (mirror.passthrough_writes, mirror.trusted_proxies, mirror.notify.forward_to) == (
         False,
         (),
@@ -621,6 +622,9 @@ BAD_VALUES = [
     ("mirror: {cache: {low_watermark: 0.9, high_watermark: 0.8}}", "mirror.cache.low_watermark"),
     ("mirror: {auth: {mode: remote}}", "mirror.auth.mode"),
     ("mirror: {auth: {token_proxy: maybe}}", "mirror.auth.token_proxy"),
+    ("mirror: {auth: {offline_grace: soon}}", "mirror.auth.offline_grace"),
+    ("mirror: {auth: {offline_grace: -1h}}", "mirror.auth.offline_grace"),
+    ("mirror: {auth: {offline_key: [a]}}", "mirror.auth.offline_key"),
     ("mirror: {admin: {token: [a]}}", "mirror.admin.token"),
     ("mirror: {passthrough_writes: 1}", "mirror.passthrough_writes"),
     ("mirror: {trusted_proxies: [10.0.0.0/33]}", "mirror.trusted_proxies[0]"),

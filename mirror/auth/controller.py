@@ -11,6 +11,7 @@ Controllers raise :class:`mirror.errors.Unauthorized` carrying the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -31,6 +32,7 @@ from mirror.upstream.client import Upstream
 
 if TYPE_CHECKING:
     from mirror.auth.keys import TrustedKeys
+    from mirror.auth.token import Claims, TokenVerifier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,6 +106,30 @@ class TokenAccess:
 
         self.verifier = TokenVerifier(token.issuer, token.service, self._load_keys(),
                                       signing_algorithms=token.signingalgorithms)
+        self.node_verifier = self._node_verifier()
+
+    def _node_verifier(self) -> TokenVerifier | None:
+        """Accepts the tokens this node issues offline (its own key and issuer only)."""
+        auth = self.settings.mirror.auth
+        if not (auth.token_proxy and auth.offline_grace > 0):
+            return None
+        from mirror.auth.nodekey import NodeKey
+
+        return NodeKey.for_settings(self.settings).verifier(self.token.service)
+
+    def node_issued(self, claims: Claims) -> bool:
+        """True for a token this node signed: never to be sent upstream."""
+        return self.node_verifier is not None and claims.issuer == self.node_verifier.issuer
+
+    def _verify(self, raw: str) -> Claims:
+        """The central service's token, else (when offline tokens are on) one of ours."""
+        try:
+            return self.verifier.verify(raw)
+        except Exception as central_failure:
+            if self.node_verifier is not None:
+                with contextlib.suppress(Exception):  # report why the central check failed
+                    return self.node_verifier.verify(raw)
+            raise central_failure
 
     def _load_keys(self) -> TrustedKeys:
         from mirror.auth.keys import load_trusted_keys
@@ -151,13 +177,15 @@ class TokenAccess:
         if raw:
             try:
                 claims = (self.verifier.cached(raw)
-                          or await verify_off_loop(self.verifier.verify, raw))
+                          or await verify_off_loop(self._verify, raw))
             except Exception as exc:  # noqa: BLE001 - InvalidToken; anything else is invalid too
                 reason = getattr(exc, "reason", str(exc))
                 error, claims = "invalid_token", None
                 log.info("invalid token: %s", reason)
             if claims is not None:
                 if auth_access.grants_all(claims.access, required):
+                    if self.node_issued(claims):
+                        return None  # the node's own account upstream, or only cached content
                     return authorization if await self._pass_token_upstream() else None
                 error = "insufficient_scope"
         realm = self.realm(request)

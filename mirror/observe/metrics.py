@@ -69,6 +69,9 @@ class Metrics:
         self.unknown_namespaces = Counter("mirror_unknown_namespace",
                                           "Requests whose ?ns= names a registry other than the upstream "
                                           "(404; see mirror.names)", registry=r)
+        self.offline_tokens = Counter("mirror_offline_tokens_issued",
+                                      "Tokens the node signed itself while the auth service was unreachable",
+                                      registry=r)
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""

@@ -3,8 +3,9 @@
 * ``make_ca`` generates signing keys and certificates as PEM files (the cert
   file is usable as distribution's ``rootcertbundle``);
 * ``mint`` crafts tokens, valid or broken in any one chosen way;
-* ``TokenIssuer`` serves the docker token endpoint (``GET /token``) from a
-  background thread, granting requested ∩ allowed actions like docker_auth.
+* ``TokenIssuer`` serves the docker token endpoint (``GET /token``, and the
+  OAuth2 ``POST /token`` containerd tries first) from a background thread,
+  granting requested ∩ allowed actions like docker_auth.
 """
 
 from __future__ import annotations
@@ -377,6 +378,7 @@ class TokenIssuer:
         self.header_mode = header_mode
         self.ttl = ttl
         self.requests = 0
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> user, handed out on request
         self.log: list[tuple[str | None, tuple[Access, ...], int]] = []  # (user, requested, status)
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -419,6 +421,7 @@ class TokenIssuer:
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/token", self._handle)
+        app.router.add_post("/token", self._handle_oauth)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -459,7 +462,55 @@ class TokenIssuer:
         self.log.append((user, requested, 200))
         issued = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {"token": token, "access_token": token, "expires_in": self.ttl, "issued_at": issued}
+        if request.query.get("offline_token") == "true" and user:
+            body["refresh_token"] = self.new_refresh_token(user)
         return web.json_response(body)
+
+    async def _handle_oauth(self, request: web.Request) -> web.Response:
+        """OAuth2 password and refresh_token grants (distribution's oauth.md)."""
+        self.requests += 1
+        form = await request.post()
+        service = form.get("service")
+        if service is not None and service != self.service:
+            return web.json_response({"details": f"unknown service {service!r}"}, status=400)
+        try:
+            requested = parse_scopes(str(form.get("scope", "")))
+        except ValueError as exc:
+            return web.json_response({"details": str(exc)}, status=400)
+        grant_type = form.get("grant_type")
+        if grant_type == "password":
+            user, acls = self._check_password(str(form.get("username", "")),
+                                              str(form.get("password", "")))
+        elif grant_type == "refresh_token":
+            user = self.refresh_tokens.get(str(form.get("refresh_token", "")))
+            acls = [self.users[user][1], self.anonymous] if user in self.users else None
+        else:
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        if acls is None:
+            self.log.append((user, requested, 401))
+            return web.json_response({"error": "invalid_grant", "details": "incorrect credentials"},
+                                     status=401)
+        token = self.mint_for(user or "", grant(requested, acls))
+        self.log.append((user, requested, 200))
+        issued = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"access_token": token, "expires_in": self.ttl, "issued_at": issued,
+                "scope": " ".join(a.scope for a in requested)}
+        if form.get("access_type") == "offline" and user:
+            body["refresh_token"] = self.new_refresh_token(user)
+        return web.json_response(body)
+
+    def new_refresh_token(self, user: str) -> str:
+        """A refresh token for ``user`` (valid until the user is removed or it is revoked)."""
+        refresh = base64.urlsafe_b64encode(hashlib.sha256(f"{user}{time.time_ns()}{next(_counter)}"
+                                                          .encode()).digest()).decode().rstrip("=")
+        self.refresh_tokens[refresh] = user
+        return refresh
+
+    def _check_password(self, user: str, password: str) -> tuple[str | None, list[Acl] | None]:
+        entry = self.users.get(user)
+        if entry is None or not hmac.compare_digest(entry[0], password):
+            return user, None
+        return user, [entry[1], self.anonymous]
 
     def _authenticate(self, header: str | None) -> tuple[str | None, list[Acl] | None]:
         """(user, ACLs) for the request; ACLs None means "wrong credentials"."""
@@ -472,7 +523,4 @@ class TokenIssuer:
             user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return None, None
-        entry = self.users.get(user)
-        if entry is None or not hmac.compare_digest(entry[0], password):
-            return user, None
-        return user, [entry[1], self.anonymous]
+        return self._check_password(user, password)
