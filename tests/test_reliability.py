@@ -862,7 +862,7 @@ async def test_header_timeout_semantics(make_mirror, faults, monkeypatch, case_i
 
     async def request(sock: socket.socket) -> bytes:
         await loop.sock_sendall(sock, b"GET /v2/ HTTP/1.1\r\nHost: node\r\n\r\n")
-        return await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        return await asyncio.wait_for(loop.sock_recv(sock, 65536), 15)
 
     trickling, idle, second = await connect(), await connect(), await connect()
     try:

@@ -864,7 +864,7 @@ def real_registry(pki):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             try:
                 _http(f"{base}/v2/")
