@@ -121,7 +121,8 @@ async def kill_and_restart(node: NodeProcess, faults: FaultRelay, task: asyncio.
 async def repaired(node: NodeProcess, timeout: float = 30.0) -> Any:
     """Consistent once the restarted node's background repair is done (polled: no fixed sleep)."""
     deadline = time.monotonic() + timeout
-    while check_store(node.store, node.metadata_db, allow_temp=False).problems and time.monotonic() < deadline:
+    while (check_store(node.store, node.metadata_db, allow_temp=False).problems
+           and time.monotonic() < deadline):
         await asyncio.sleep(0.05)
     return assert_consistent(node, allow_temp=False)
 

@@ -105,7 +105,8 @@ async def test_stale_while_revalidate_costs_one_head(wall_clock, make_mirror, re
     assert relay.count("GET") == 0
 
 
-async def test_repointed_tag_is_seen_after_the_ttl(wall_clock, make_mirror, relay, upstream, upstream_client) -> None:
+async def test_repointed_tag_is_seen_after_the_ttl(wall_clock, make_mirror, relay, upstream,
+                                                  upstream_client) -> None:
     node = await make_mirror(relay.url, tag_ttl="1h")  # the push below takes no part of it
     repo = repo_name()
     old = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="old")
@@ -139,7 +140,8 @@ async def test_stale_tag_and_cached_blobs_served_with_link_down(wall_clock, make
     assert tags.json()["tags"] == ["v1"]
 
 
-async def test_deleted_tag_is_not_served_stale(wall_clock, make_mirror, relay, upstream, upstream_client) -> None:
+async def test_deleted_tag_is_not_served_stale(wall_clock, make_mirror, relay, upstream,
+                                              upstream_client) -> None:
     node = await make_mirror(relay.url, tag_ttl="1h")
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1")
     async with node.client(headers=ACCEPT) as client:
