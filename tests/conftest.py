@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from mirror.api.server import MirrorRunner
 from mirror.app import create_app
 from mirror.config import Settings, load_settings
 from mirror.node import Node
+from tests.support.clock import WallClock
 from tests.support.registry import Registry, run_registry
 from tests.support.relay import Relay
 
@@ -149,3 +151,14 @@ async def mirror(make_mirror: Any, relay: Relay) -> MirrorNode:
 async def upstream_client(upstream: Registry) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=60) as client:
         yield client
+
+
+@pytest.fixture
+def wall_clock(monkeypatch: pytest.MonkeyPatch) -> WallClock:
+    """``time.time`` for this test's in-process nodes, moved on with ``advance``.
+
+    Ask for it before ``make_mirror`` so the nodes stop under the same clock.
+    """
+    clock = WallClock(time.time)
+    monkeypatch.setattr(time, "time", clock)
+    return clock

@@ -314,7 +314,7 @@ async def test_sighup_reloads_the_root_cert_bundle(make_mirror, relay, upstream,
         # never send SIGHUP without a handler in place: the default action kills pytest
         assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), "node installed no SIGHUP handler"
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(100):
+        for _ in range(1000):  # at least 20 s for the reload to land
             accepted = await client.get(url, headers=bearer(new))
             if accepted.status_code == 200:
                 break

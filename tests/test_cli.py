@@ -103,7 +103,7 @@ def test_serves_tls_directly_with_tls_1_2_or_newer(tmp_path: Path) -> None:
     assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-def _wait_tls(port: int, context: object, timeout: float = 15.0) -> None:
+def _wait_tls(port: int, context: object, timeout: float = 60.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout

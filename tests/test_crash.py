@@ -100,7 +100,7 @@ async def assert_settled(node: NodeProcess) -> Any:
     A client may get a verified blob's last bytes before the fsync and rename
     are done, so the temp file can outlive the pull by a moment.
     """
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while list((node.store / "tmp").glob("*.part")) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return assert_consistent(node, allow_temp=False)
@@ -114,12 +114,20 @@ async def kill_and_restart(node: NodeProcess, faults: FaultRelay, task: asyncio.
     faults.rate = None
     assert_consistent(node, allow_temp=True)  # as the crash left it
     node.start()
-    await asyncio.sleep(0.3)
-    check = assert_consistent(node, allow_temp=False)  # the restart swept the dead owner's temp files
+    check = await repaired(node)  # the restart swept the dead owner's temp files
     assert check.temp_files == []
 
 
-async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+async def repaired(node: NodeProcess, timeout: float = 30.0) -> Any:
+    """Consistent once the restarted node's background repair is done (polled: no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while (check_store(node.store, node.metadata_db, allow_temp=False).problems
+           and time.monotonic() < deadline):
+        await asyncio.sleep(0.05)
+    return assert_consistent(node, allow_temp=False)
+
+
+async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
@@ -133,8 +141,7 @@ async def test_kill_before_blob_headers(node, faults, upstream, upstream_client,
     faults.inject(F.hang(), method="GET", path=f"/blobs/{layer}", times=None)
     task = start_pull(node, image)
     await wait_until(lambda: faults.count("GET", f"/blobs/{layer}") >= 1)
-    await asyncio.sleep(0.2)
-    assert list((node.store / "tmp").glob("*.part")), "the fetch had started its temp file"
+    await wait_until(lambda: list((node.store / "tmp").glob("*.part")))  # the fetch started its temp file
     await kill_and_restart(node, faults, task)
     assert layer not in check_store(node.store, node.metadata_db).objects
     await pull(node, image)
@@ -156,8 +163,7 @@ async def test_kill_mid_body(node, faults, upstream, upstream_client, case_id) -
     assert crashed.temp_files, "the partial blob was in a temp file"
     faults.rate = None
     node.start()
-    await asyncio.sleep(0.3)
-    assert assert_consistent(node, allow_temp=False).temp_files == []
+    assert (await repaired(node)).temp_files == []
     await pull(node, image)
     after = await assert_settled(node)
     assert after.objects[layer] == len(layer_bytes)
@@ -177,8 +183,7 @@ async def test_kill_around_commit(node, faults, upstream, upstream_client, delay
     if layer in crashed.objects:  # published before the kill: then it is whole
         assert crashed.objects[layer] == len(layer_bytes)
     node.start()
-    await asyncio.sleep(0.3)
-    assert_consistent(node, allow_temp=False)
+    await repaired(node)
     await pull(node, image)
     await assert_settled(node)
 
@@ -209,8 +214,7 @@ async def test_kill_during_concurrent_pulls(node, faults, upstream, upstream_cli
     crashed = assert_consistent(node, allow_temp=True)
     faults.rate = None
     node.start()
-    await asyncio.sleep(0.3)
-    assert_consistent(node, allow_temp=False)
+    await repaired(node)
     await asyncio.gather(*(pull(node, image) for image in pushed for _ in range(3)))
     after = await assert_settled(node)
     assert set(crashed.objects) <= set(after.objects)
@@ -229,7 +233,7 @@ def _rows(node: NodeProcess) -> dict[str, int]:
 async def _pulled(node: NodeProcess, upstream: Any, upstream_client: Any) -> Any:
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1", layers=[300_000, 1000])
     await pull(node, image)
-    await asyncio.sleep(0.2)
+    await assert_settled(node)
     node.stop()  # a clean stop: the change below happens while it is down
     return image
 

@@ -475,7 +475,7 @@ def test_mirror_serve_on_the_shipped_config_answers_probes_and_reload(
                     f"http://127.0.0.1:{debug_port}{probe}",
                     expect_status=200,
                     process=node,
-                    timeout=20,
+                    timeout=60,
                 )
                 == 200
             )
@@ -492,7 +492,7 @@ def test_mirror_serve_on_the_shipped_config_answers_probes_and_reload(
         assert records and all(json.loads(line) for line in records)  # log.formatter: json
 
 
-def wait_until(predicate: Any, process: ManagedProcess, timeout: float = 10.0) -> None:
+def wait_until(predicate: Any, process: ManagedProcess, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert process.poll() is None, f"exited: {process.log_tail()}"

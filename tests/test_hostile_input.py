@@ -290,7 +290,7 @@ async def test_hostile_authorization_headers(token_node, relay, case_id) -> None
     for value in HOSTILE_AUTHORIZATION:
         started = time.monotonic()
         got, headers, body = await raw_request("127.0.0.1", token_node.port, "GET", path, {"Authorization": value})
-        assert time.monotonic() - started < 1.0, value[:40]
+        assert time.monotonic() - started < 5.0, value[:40]  # no wait on any timeout (10 s)
         assert (got, error_code_of(body)) == (401, "UNAUTHORIZED"), (value[:40], got, body[:200])
         assert headers["www-authenticate"].startswith(f'Bearer realm="{REALM}"')
     fifty = "\r\n".join(f"Authorization: Bearer {'x.' * 10}{i}" for i in range(50))  # repeated header lines
@@ -358,10 +358,16 @@ def test_challenge_round_trips(case_id, scheme: str, params: dict[str, str], sep
 @given(st.sampled_from(["a", "a ", "a=", 'a="', '\\"', "a,", "=", " ", "aa=\"x\\", "_"]),
        st.sampled_from(["Bearer ", "Basic ", "", "x"]))
 def test_challenge_parse_is_linear(case_id, unit: str, prefix: str) -> None:
-    header = prefix + unit * (16_384 // len(unit))
+    # 64 KB: linear parsing takes ~16 ms at worst, quadratic backtracking (2e9 steps)
+    # seconds; the best of three runs keeps a loaded machine's stalls out of the bound
+    header = prefix + unit * (65_536 // len(unit))
+    assert min(_parse_seconds(header) for _ in range(3)) < 1.0, (unit, prefix)
+
+
+def _parse_seconds(header: str) -> float:
     started = time.perf_counter()
     Challenge.parse(header)
-    assert time.perf_counter() - started < 0.1, (unit, prefix)
+    return time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- protocol edges

@@ -217,7 +217,7 @@ async def test_keep_fresh_caches_a_popular_tags_new_version(make_mirror, relay, 
     async with node.client(headers={"Accept": DOCKER_SCHEMA2}) as client:
         assert (await client.get(f"/v2/{repo}/manifests/latest")).json()["config"]["digest"] == v1.config_digest
         v2 = await images.push_image(upstream_client, upstream.url, repo, "latest", seed="v2")
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while (record := await node.node.metadata.get_tag(repo, "latest")).digest != Digest.parse(v2.digest):
             assert time.monotonic() < deadline, record
             await asyncio.sleep(0.05)

@@ -65,7 +65,7 @@ async def test_first_client_leaving_does_not_cancel_the_fetch(mirror, relay, ups
     relay.rate = len(layer) / 2
     async with mirror.client() as quitter, mirror.client() as stayer:
         leaving = asyncio.create_task(read_blob(quitter, url, stop_after=MiB))
-        await asyncio.sleep(0.2)
+        await relay.wait_for_async(1, "GET", "/blobs/", timeout=30)  # the quitter's fetch is under way
         staying = asyncio.create_task(read_blob(stayer, url))
         _, read = await leaving
         assert read < len(layer)
@@ -89,13 +89,14 @@ async def test_second_pull_is_served_locally(mirror, relay, upstream, upstream_c
     assert relay.count("HEAD") == 0
 
 
-async def test_stale_while_revalidate_costs_one_head(make_mirror, relay, upstream, upstream_client) -> None:
-    node = await make_mirror(relay.url, tag_ttl="1s")
+async def test_stale_while_revalidate_costs_one_head(wall_clock, make_mirror, relay, upstream,
+                                                    upstream_client) -> None:
+    node = await make_mirror(relay.url, tag_ttl="1h")  # the 100 requests all fall inside the next TTL
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1")
     url = f"/v2/{image.repo}/manifests/v1"
     async with node.client(headers=ACCEPT) as client:
         await client.get(url)
-        await asyncio.sleep(1.2)
+        wall_clock.advance(3601)
         relay.reset()
         relay.latency = 0.3  # requests pile up while the revalidation is in flight
         responses = await asyncio.gather(*(client.get(url) for _ in range(100)))
@@ -104,24 +105,25 @@ async def test_stale_while_revalidate_costs_one_head(make_mirror, relay, upstrea
     assert relay.count("GET") == 0
 
 
-async def test_repointed_tag_is_seen_after_the_ttl(make_mirror, relay, upstream, upstream_client) -> None:
-    node = await make_mirror(relay.url, tag_ttl="1s")
+async def test_repointed_tag_is_seen_after_the_ttl(wall_clock, make_mirror, relay, upstream,
+                                                  upstream_client) -> None:
+    node = await make_mirror(relay.url, tag_ttl="1h")  # the push below takes no part of it
     repo = repo_name()
     old = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="old")
     async with node.client(headers=ACCEPT) as client:
         assert (await client.get(f"/v2/{repo}/manifests/v1")).headers["Docker-Content-Digest"] == old.digest
         new = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="new")
         within = await client.get(f"/v2/{repo}/manifests/v1")
-        await asyncio.sleep(1.2)
+        wall_clock.advance(3601)
         after = await client.get(f"/v2/{repo}/manifests/v1")
     assert within.headers["Docker-Content-Digest"] == old.digest
     assert after.headers["Docker-Content-Digest"] == new.digest
     assert after.content == new.manifest
 
 
-async def test_stale_tag_and_cached_blobs_served_with_link_down(make_mirror, relay, upstream,
+async def test_stale_tag_and_cached_blobs_served_with_link_down(wall_clock, make_mirror, relay, upstream,
                                                                 upstream_client) -> None:
-    node = await make_mirror(relay.url, tag_ttl="1s")
+    node = await make_mirror(relay.url, tag_ttl="1h")
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1")
     async with node.client(headers=ACCEPT) as client:
         await client.get(f"/v2/{image.repo}/manifests/v1")
@@ -129,7 +131,7 @@ async def test_stale_tag_and_cached_blobs_served_with_link_down(make_mirror, rel
             await client.get(f"/v2/{image.repo}/blobs/{digest}")
         await client.get(f"/v2/{image.repo}/tags/list")
         relay.down = True
-        await asyncio.sleep(1.2)
+        wall_clock.advance(3601)
         manifest = await client.get(f"/v2/{image.repo}/manifests/v1")
         blobs = [await client.get(f"/v2/{image.repo}/blobs/{d}") for d in image.blobs]
         tags = await client.get(f"/v2/{image.repo}/tags/list")
@@ -138,13 +140,14 @@ async def test_stale_tag_and_cached_blobs_served_with_link_down(make_mirror, rel
     assert tags.json()["tags"] == ["v1"]
 
 
-async def test_deleted_tag_is_not_served_stale(make_mirror, relay, upstream, upstream_client) -> None:
-    node = await make_mirror(relay.url, tag_ttl="1s")
+async def test_deleted_tag_is_not_served_stale(wall_clock, make_mirror, relay, upstream,
+                                              upstream_client) -> None:
+    node = await make_mirror(relay.url, tag_ttl="1h")
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1")
     async with node.client(headers=ACCEPT) as client:
         assert (await client.get(f"/v2/{image.repo}/manifests/v1")).status_code == 200
         await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
-        await asyncio.sleep(1.2)
+        wall_clock.advance(3601)
         gone = await client.get(f"/v2/{image.repo}/manifests/v1")
         relay.down = True
         still_gone = await client.get(f"/v2/{image.repo}/manifests/v1")
@@ -153,13 +156,14 @@ async def test_deleted_tag_is_not_served_stale(make_mirror, relay, upstream, ups
 
 
 @pytest.mark.parametrize("status", [401, 403])
-async def test_revoked_tag_is_not_served_stale(make_mirror, relay, upstream, upstream_client, status) -> None:
-    node = await make_mirror(relay.url, tag_ttl="1s")
+async def test_revoked_tag_is_not_served_stale(wall_clock, make_mirror, relay, upstream, upstream_client,
+                                              status) -> None:
+    node = await make_mirror(relay.url, tag_ttl="1h")
     image = await images.push_image(upstream_client, upstream.url, repo_name(), "v1")
     async with node.client(headers=ACCEPT) as client:
         assert (await client.get(f"/v2/{image.repo}/manifests/v1")).status_code == 200
         relay.fault = lambda record: status if "/manifests/" in record.path_qs else None
-        await asyncio.sleep(1.2)
+        wall_clock.advance(3601)
         revoked = await client.get(f"/v2/{image.repo}/manifests/v1")
     assert revoked.status_code == status
 
@@ -199,22 +203,22 @@ async def test_temp_files_of_an_interrupted_fetch_are_swept_at_start(make_mirror
     assert sorted(p.suffix for p in tmp.iterdir()) == [".lock"]  # only the live node's lock
 
 
-async def test_edge_node_ttl_does_not_stack_on_the_middle_node(make_mirror, relay, upstream,
+async def test_edge_node_ttl_does_not_stack_on_the_middle_node(wall_clock, make_mirror, relay, upstream,
                                                               upstream_client) -> None:
-    middle = await make_mirror(relay.url, tag_ttl="2s")
-    edge = await make_mirror(middle.url, tag_ttl="2s")
+    middle = await make_mirror(relay.url, tag_ttl="1h")
+    edge = await make_mirror(middle.url, tag_ttl="1h")
     repo = repo_name()
     old = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="edge-old")
     async with middle.client(headers=ACCEPT) as client:
         first = await client.get(f"/v2/{repo}/manifests/v1")
-    assert first.headers["Cache-Control"] == "max-age=2" and first.headers["Age"] == "0"
-    await asyncio.sleep(1.2)
+    assert first.headers["Cache-Control"] == "max-age=3600" and first.headers["Age"] == "0"
+    wall_clock.advance(2000)
     async with edge.client(headers=ACCEPT) as client:
         via_edge = await client.get(f"/v2/{repo}/manifests/v1")
         assert via_edge.headers["Docker-Content-Digest"] == old.digest
-        assert int(via_edge.headers["Age"]) >= 1  # dated from the middle node's confirmation
+        assert int(via_edge.headers["Age"]) >= 2000  # dated from the middle node's confirmation
         new = await images.push_image(upstream_client, upstream.url, repo, "v1", seed="edge-new")
-        await asyncio.sleep(1.2)  # past the middle's TTL, and so past the edge's: no stacking
+        wall_clock.advance(2000)  # past the middle's TTL, and so past the edge's: no stacking
         after = await client.get(f"/v2/{repo}/manifests/v1")
     assert after.headers["Docker-Content-Digest"] == new.digest
 

@@ -503,15 +503,15 @@ async def test_blob_429_is_passed_on(make_mirror, faults, upstream, upstream_cli
 
 
 @pytest.mark.parametrize("case_id", [case("R-UP-19")])
-async def test_cached_content_served_while_upstream_refuses(make_mirror, faults, upstream, upstream_client,
-                                                           case_id) -> None:
-    node = await make_mirror(faults.url, tag_ttl="1s", upstream={"retries": 1})
+async def test_cached_content_served_while_upstream_refuses(wall_clock, make_mirror, faults, upstream,
+                                                           upstream_client, case_id) -> None:
+    node = await make_mirror(faults.url, tag_ttl="1h", upstream={"retries": 1})
     image = await push(upstream_client, upstream, size=100_000)
     async with node.client(headers=ACCEPT) as client:
         assert (await get(client, f"/v2/{image.repo}/manifests/v1")).status == 200
         for digest in image.blobs:
             assert (await get(client, f"/v2/{image.repo}/blobs/{digest}")).complete
-        await asyncio.sleep(1.1)
+        wall_clock.advance(3601)  # the tag's TTL is over
         for code in (429, 503):
             faults.clear()
             faults.inject(F.status(code, retry_after=1), times=None)
@@ -855,12 +855,13 @@ def _peer_closed(sock: socket.socket) -> bool:
 @pytest.mark.parametrize("case_id", [case("R-CL-01")])
 async def test_slow_reader_during_fetch_is_cut_and_slows_nobody(make_mirror, faults, upstream, upstream_client,
                                                               case_id) -> None:
-    node = await make_mirror(faults.url, client_idle_timeout="2s")
+    # cut after 5 s idle: waiting on the slow reader would hold the fetch and the readers that long
+    node = await make_mirror(faults.url, client_idle_timeout="5s")
     image = await push(upstream_client, upstream, size=16 * MiB)
     digest, _data = image.layers[0]
     faults.rate = 8 * MiB  # the fetch lasts about 2 s
     url = f"/v2/{image.repo}/blobs/{digest}"
-    slow = asyncio.create_task(slow_reader(node.port, url, seconds=20))
+    slow = asyncio.create_task(slow_reader(node.port, url, seconds=40))
     await faults.wait_for_async(1, "GET", "/blobs/")
     started = time.monotonic()
     async with node.client() as client:
@@ -870,32 +871,32 @@ async def test_slow_reader_during_fetch_is_cut_and_slows_nobody(make_mirror, fau
     for got in results:
         assert (got.status, got.complete, got.digest) == (200, True, digest)
     fetch = next(r for r in faults.records if "/blobs/" in r.path_qs)
-    assert fetch.finished_at is not None and fetch.finished_at - fetch.started_at < 4.0
+    assert fetch.finished_at is not None and fetch.finished_at - fetch.started_at < 5.0
     assert readers_done < 5.0
     assert faults.count("GET", "/blobs/") == 1
     assert seen.status_line and b"HTTP".startswith(seen.status_line[:4])  # answered, then cut
-    assert seen.cut_after is not None and seen.cut_after < 12, seen
+    assert seen.cut_after is not None and seen.cut_after < 30, seen  # typically 6-10 s
     assert seen.received < 64
 
 
 @pytest.mark.parametrize("case_id", [case("R-CL-02")])
 async def test_slow_reader_of_cached_blob_is_cut(make_mirror, faults, upstream, upstream_client, case_id) -> None:
-    node = await make_mirror(faults.url, client_idle_timeout="2s")
+    node = await make_mirror(faults.url, client_idle_timeout="5s")  # held by the slow reader: 5 s or more
     image = await push(upstream_client, upstream, size=16 * MiB)
     digest, data = image.layers[0]
     await assert_served_now(node, image, digest, data)
     url = f"/v2/{image.repo}/blobs/{digest}"
-    slow = asyncio.create_task(slow_reader(node.port, url, seconds=20))
+    slow = asyncio.create_task(slow_reader(node.port, url, seconds=40))
     await asyncio.sleep(0.5)
     started = time.monotonic()
     async with node.client() as client:
         results = await asyncio.gather(*(get(client, url) for _ in range(4)))
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 4.0  # typically 0.2 s
     for got in results:
         assert (got.status, got.complete, got.digest) == (200, True, digest)
     seen = await slow
     assert seen.status_line and b"HTTP".startswith(seen.status_line[:4])  # answered, then cut
-    assert seen.cut_after is not None and seen.cut_after < 12, seen
+    assert seen.cut_after is not None and seen.cut_after < 30, seen  # typically 6-10 s
 
 
 async def raw_pull(port: int, repo: str, tag: str) -> dict[str, Any]:
@@ -978,14 +979,16 @@ async def test_slowloris_does_not_stop_a_pull(node_process, faults, upstream, up
             await asyncio.gather(*(open_one() for _ in range(100)))
         opened_at = time.monotonic()
         trickling = asyncio.create_task(trickle())
-        await asyncio.sleep(1.0)
-        held = len(os.listdir(f"/proc/{node.pid}/fd"))
+        held = 0
+        while held <= connections and time.monotonic() < opened_at + HEADER_TIMEOUT / 2:  # all accepted
+            await asyncio.sleep(0.1)
+            held = len(os.listdir(f"/proc/{node.pid}/fd"))
         assert held > connections, f"the node holds only {held} descriptors"
-        started = time.monotonic()
         pulled = await raw_pull(node.port, image.repo, "v1")
         assert pulled["ok"], pulled
-        assert time.monotonic() - started < 5.0
-        deadline = opened_at + HEADER_TIMEOUT + 5.0
+        # pulled while the slowloris connections were still held, not after they were cut
+        assert time.monotonic() < opened_at + HEADER_TIMEOUT
+        deadline = opened_at + HEADER_TIMEOUT + 15.0
         while time.monotonic() < deadline and sum(map(_peer_closed, socks)) < connections:
             await asyncio.sleep(0.5)
         closed = sum(map(_peer_closed, socks))
@@ -1015,7 +1018,7 @@ async def test_header_timeout_semantics(make_mirror, faults, monkeypatch, case_i
 
     async def request(sock: socket.socket) -> bytes:
         await loop.sock_sendall(sock, b"GET /v2/ HTTP/1.1\r\nHost: node\r\n\r\n")
-        return await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        return await asyncio.wait_for(loop.sock_recv(sock, 65536), 15)
 
     trickling, idle, second = await connect(), await connect(), await connect()
     try:
@@ -1024,7 +1027,8 @@ async def test_header_timeout_semantics(make_mirror, faults, monkeypatch, case_i
         started = time.monotonic()
         await loop.sock_sendall(trickling, b"GET /v2/ HTTP/1.1\r\n")
         await loop.sock_sendall(second, b"GET /v2/ HTTP/1.1\r\n")  # a kept-alive connection's next request
-        while time.monotonic() - started < 3.0:
+        while time.monotonic() - started < 3.0 or (  # a loaded machine may take longer than 3 s to cut
+                not (_peer_closed(trickling) and _peer_closed(second)) and time.monotonic() - started < 15.0):
             for sock in (trickling, second):
                 with contextlib.suppress(OSError):
                     sock.send(b"X-Slow: 1\r\n")

@@ -124,7 +124,7 @@ async def test_offline_verify_and_startup_repair(make_mirror, relay, upstream, u
     assert code == 2 and "not a mirror store" in err
 
     await node.start()
-    await asyncio.wait_for(node.node.quota.repaired.wait(), 10)
+    await asyncio.wait_for(node.node.quota.repaired.wait(), 30)
     metadata = node.node.metadata
     assert await metadata.get_object(Digest.parse(corrupt)) is None  # quarantined offline: forgotten
     assert await metadata.get_object(Digest.parse(gone)) is None  # missing file: forgotten

@@ -95,7 +95,7 @@ def test_free_port_and_managed_process(scratch: Path) -> None:
     bad = ManagedProcess(["sh", "-c", "echo boom >&2; exit 3"])
     with bad:
         with pytest.raises(RuntimeError, match="boom"):
-            wait_http(f"http://127.0.0.1:{free_port()}/", process=bad, timeout=5)
+            wait_http(f"http://127.0.0.1:{free_port()}/", process=bad, timeout=30)
         assert bad.poll() == 3
 
 
@@ -114,7 +114,7 @@ def test_layers_are_real_deterministic_tars() -> None:
 
     t = time.monotonic()
     big = make_layer(7, 64 << 20)
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 15  # typically 1 s: cheap enough for any test to use
     assert len(big) > 64 << 20
 
     img = build_image("x/y", "t", layers=[100, 200, bytes(a)], media_type=OCI_MANIFEST)
@@ -379,13 +379,13 @@ async def test_relay_rate_latency_pause(
     t = time.monotonic()
     assert (await client.get(url)).content == data
     fast = time.monotonic() - t
-    assert fast < 1.0
 
     relay.rate = 2_000_000
     t = time.monotonic()
     assert (await client.get(url)).content == data
     slow = time.monotonic() - t
-    assert 1.5 <= slow < 6, slow
+    assert 1.5 <= slow < 10, slow  # 4 MB at 2 MB/s, less the first burst
+    assert fast < slow / 2, (fast, slow)  # unthrottled, the same download is much faster
     relay.rate = None
 
     relay.latency = 0.3
@@ -419,7 +419,7 @@ async def test_relay_stop_with_stalled_request(
     finally:
         t = time.monotonic()
         relay.stop()
-    assert time.monotonic() - t < 3
+    assert time.monotonic() - t < 8  # typically 1 s; waiting on the stalled request would take 15 s
     with pytest.raises(httpx.TransportError):
         await task
     with pytest.raises(httpx.ConnectError):

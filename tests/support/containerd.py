@@ -107,7 +107,7 @@ class Containerd:
         )
 
     # -- lifecycle
-    def start(self, timeout: float = 30.0) -> Containerd:
+    def start(self, timeout: float = 90.0) -> Containerd:
         self.process.start()
         deadline = time.monotonic() + timeout
         while True:
@@ -218,7 +218,7 @@ class Containerd:
 
 
 @contextmanager
-def run_containerd(tmp: Path, *, timeout: float = 30.0) -> Iterator[Containerd]:
+def run_containerd(tmp: Path, *, timeout: float = 90.0) -> Iterator[Containerd]:
     """Start a private containerd (log under ``tmp``); stop it by PID and clean up on exit."""
     daemon = Containerd(tmp)
     try:

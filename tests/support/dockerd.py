@@ -134,7 +134,7 @@ class Dockerd:
         )
 
     # -- lifecycle
-    def start(self, timeout: float = 60.0) -> Dockerd:
+    def start(self, timeout: float = 120.0) -> Dockerd:
         self.process.start()
         deadline = time.monotonic() + timeout
         last = ""
@@ -301,7 +301,7 @@ def write_image_archive(path: Path, config: bytes, gz_layers: Sequence[bytes],
 
 @contextmanager
 def run_dockerd(tmp: Path, daemon_json: Mapping[str, Any], *,
-                timeout: float = 60.0) -> Iterator[Dockerd]:
+                timeout: float = 120.0) -> Iterator[Dockerd]:
     """Start a private dockerd with ``daemon_json``; stop it (and its containerd) on exit.
 
     ``tmp`` keeps the daemon's log (``dockerd.log``); everything else lives under a short

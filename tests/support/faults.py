@@ -572,7 +572,7 @@ class NodeProcess:
     def pid(self) -> int | None:
         return self.process.pid
 
-    def start(self, timeout: float = 20.0) -> NodeProcess:
+    def start(self, timeout: float = 60.0) -> NodeProcess:
         self.process.start()
         wait_http(f"{self.url}/v2/", timeout=timeout, process=self.process)
         return self

@@ -273,7 +273,7 @@ class Nginx:
                 f"nginx -t failed:\n{cp.stderr}\n--- config ---\n{self.site_path.read_text()}"
             )
 
-    def start(self, *ports: int, timeout: float = 10.0) -> Nginx:
+    def start(self, *ports: int, timeout: float = 60.0) -> Nginx:
         self.process.start()
         deadline = time.monotonic() + timeout
         while not all(port_open(LOOPBACK, port) for port in ports):

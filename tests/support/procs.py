@@ -56,7 +56,7 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def wait_port_closed(port: int, host: str = LOOPBACK, timeout: float = 5.0) -> None:
+def wait_port_closed(port: int, host: str = LOOPBACK, timeout: float = 30.0) -> None:
     """Poll until nothing accepts connections on host:port."""
     deadline = time.monotonic() + timeout
     while port_open(host, port):
@@ -87,7 +87,7 @@ def _fail_message(url: str, last: object, process: ManagedProcess | None) -> str
 
 def wait_http(
     url: str,
-    timeout: float = 15.0,
+    timeout: float = 60.0,
     expect_status: int | Container[int] | None = None,
     process: ManagedProcess | None = None,
     interval: float = 0.02,
@@ -117,7 +117,7 @@ def wait_http(
 
 async def wait_http_async(
     url: str,
-    timeout: float = 15.0,
+    timeout: float = 60.0,
     expect_status: int | Container[int] | None = None,
     process: ManagedProcess | None = None,
     interval: float = 0.02,

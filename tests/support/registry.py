@@ -156,7 +156,7 @@ class Registry:
         self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
 
     # -- lifecycle
-    def start(self, timeout: float = 15.0) -> Registry:
+    def start(self, timeout: float = 60.0) -> Registry:
         """Start (or restart after :meth:`stop`) on the same port and storage root."""
         attempts = 1 if (self._fixed_port or self._started_once) else 3
         for attempt in range(attempts):

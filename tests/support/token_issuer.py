@@ -84,6 +84,9 @@ def make_cert(
 ) -> x509.Certificate:
     """A certificate for ``subject_key``; self-signed unless an issuer is given.
 
+    By default valid from a day before to 30 days after now: a test clock read
+    long before or after this call (a slow run) still falls inside it.
+
     With ``extensions=False`` the certificate carries none at all (a v3
     certificate without basicConstraints), to exercise lenient paths.
     """
@@ -96,7 +99,7 @@ def make_cert(
         .issuer_name(issuer_cert.subject if issuer_cert else name)
         .public_key(subject_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or now - dt.timedelta(minutes=5))
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
         .not_valid_after(not_after or now + dt.timedelta(days=30))
     )
     if extensions:
