@@ -41,14 +41,15 @@ async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str
     return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
 
-async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "") -> None:
+async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "") -> Any:
+    """Poll `predicate` (sync or async) until it is truthy; return that value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if asyncio.iscoroutine(value):
             value = await value
         if value:
-            return
+            return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
 

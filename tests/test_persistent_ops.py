@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.support import images
 from tests.support.faults import FaultRelay, NodeProcess
 from tests.support.images import DOCKER_SCHEMA2
 from tests.support.procs import free_port
+from tests.test_notifications import wait_until
 
 MiB = 1 << 20
 
@@ -54,18 +54,6 @@ def node_process(root: Path, remote: str, **extra: Any) -> NodeProcess:
     process.config.update(extra)
     process.config_path.write_text(yaml.safe_dump(process.config))
     return process
-
-
-async def wait_until(predicate: Any, timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 class Endpoint:
@@ -101,7 +89,7 @@ async def test_queued_pull_events_survive_kill9(tmp_path, link, upstream, upstre
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", endpoint_port).start()
         node.start()
-        await wait_until(lambda: len({e["id"] for e in endpoint.events}) >= 5, what="the queued events")
+        await wait_until(lambda: len({e["id"] for e in endpoint.events}) >= 5, 60, "the queued events")
         assert {e["target"]["repository"] for e in endpoint.events} == {image.repo}
         assert all(e["action"] == "pull" and e["target"]["digest"] == image.digest for e in endpoint.events)
         await asyncio.sleep(0.5)
@@ -130,7 +118,7 @@ async def test_prewarm_job_resumes_after_kill9(tmp_path, link, upstream, upstrea
                 job = (await client.get(f"/admin/jobs/{job_id}")).json()
                 return 1 <= job["blobs_done"] < job["blobs_total"]
 
-            await wait_until(some_blobs_done, what="a job halfway through")
+            await wait_until(some_blobs_done, 60, "a job halfway through")
             await asyncio.sleep(1.2)  # past one progress save
         node.kill9()
         stored_before = {d for d in image.blobs if (node.store / "objects" / "sha256" / d[7:9] / d[7:]).exists()}
@@ -145,7 +133,7 @@ async def test_prewarm_job_resumes_after_kill9(tmp_path, link, upstream, upstrea
                 job = response.json() if response.status_code == 200 else None
                 return job if job and job["state"] not in ("queued", "running") else None
 
-            job = await wait_until(finished, what="the resumed job")
+            job = await wait_until(finished, 60, "the resumed job")
         assert job["state"] == "done" and job["resumed"] == 1, job
         assert job["blobs_done"] == len(image.blobs) and job["blobs_cached"] >= len(stored_before)
         for digest in stored_before:  # nothing stored before the kill crossed the link again

@@ -350,12 +350,14 @@ async def test_lifetime_counters_add_up_across_processes(tmp_path: Path) -> None
         await first.close()
         await second.close()
     assert totals["cache:blob:hit"] == 6 and totals["bytes_saved"] == 100
+
+
 async def test_every_operator_command_takes_the_nodes_config(make_mirror, relay, upstream, upstream_client,
                                                              tmp_path) -> None:
     """`mirror verify|gc|purge|du|stats|prewarm|top|unpin CONFIG`: address, token, store from the file."""
     node = await make_mirror(relay.url, admin={"token": TOKEN})
     repo = repo_name()
-    image = await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[300_000])
+    await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[300_000])
     async with node.client(headers=ACCEPT) as client:
         assert (await client.get(f"/v2/{repo}/manifests/v1")).status_code == 200
     async with admin_url(node) as url:
