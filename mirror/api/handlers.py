@@ -110,7 +110,7 @@ async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamRe
     }
     if isinstance(reference, Tag):
         headers["Vary"] = "Accept"
-        headers.update(_freshness(result.fetched_at, _node(request).settings.mirror.tag_ttl))
+        headers.update(_freshness(result.fetched_at, _node(request).manifests.tag_policy(repo)[0]))
     if _etag_matches(request, str(result.digest)):
         return web.Response(status=304, headers=headers)
     return web.Response(body=result.raw, headers=headers)

@@ -1,0 +1,281 @@
+"""One node, several registries (issue 14): `?ns=` and a path prefix route to each upstream.
+
+Two real distribution registries hold different images under the same
+repository name (`team/app:v1`) sharing one layer. Registry A is the default
+upstream (`proxy.remoteurl`, `mirror.names: [reg-a.example]`), registry B is
+one of `mirror.upstreams` (`reg-b.example`). A counting relay in front of
+each shows which registry every request reached.
+
+Each provoked failure has a case ID (``pytest -k R-REG-01``), listed in
+`CASES` and in README's Reliability table, as in tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mirror.config import ConfigError, load_settings
+from mirror.registry.digest import Digest
+from tests.conftest import mirror_config
+from tests.support import images
+from tests.support.images import DOCKER_SCHEMA2
+from tests.support.procs import run_skopeo_async
+from tests.support.registry import Registry, run_registry
+from tests.support.relay import Relay
+
+ACCEPT = {"Accept": DOCKER_SCHEMA2}
+REPO = "team/app"
+A_NAME, B_NAME = "reg-a.example", "reg-b.example"
+
+CASES = {
+    "R-REG-01": "containerd's ?ns= names a registry the node does not serve: 404 NAME_UNKNOWN (JSON) at "
+                "once, no request reaches any upstream",
+    "R-REG-02": "one of two upstreams is down: its requests answer 503 UNAVAILABLE (JSON) after its own "
+                "retries, while the other registry serves cold and cached pulls and its link stays healthy",
+    "R-REG-03": "a digest cached from registry B asked under registry A's repository of the same name: "
+                "served only when A's upstream confirms A holds it (404 BLOB_UNKNOWN otherwise); a layer "
+                "both hold is stored once",
+}
+
+
+@pytest.fixture(scope="module")
+def registry_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with run_registry(tmp_path_factory.mktemp("registry-a")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def registry_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with run_registry(tmp_path_factory.mktemp("registry-b")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def shared_layer() -> bytes:
+    return images.make_layer("shared-by-both-registries", 300_000)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry_a: Registry, registry_b: Registry, shared_layer: bytes) -> dict[str, images.Image]:
+    """`team/app:v1` on each registry: a layer of its own plus the shared one."""
+    async def push() -> dict[str, images.Image]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            a = await images.push_image(client, registry_a.url, REPO, "v1",
+                                        layers=[images.make_layer("only-in-a", 200_000), shared_layer])
+            b = await images.push_image(client, registry_b.url, REPO, "v1",
+                                        layers=[images.make_layer("only-in-b", 250_000), shared_layer])
+        return {"a": a, "b": b}
+
+    pushed = asyncio.run(push())
+    assert pushed["a"].digest != pushed["b"].digest
+    return pushed
+
+
+@pytest.fixture
+def relay_a(registry_a: Registry) -> Iterator[Relay]:
+    with Relay(registry_a.url) as link:
+        yield link
+
+
+@pytest.fixture
+def relay_b(registry_b: Registry) -> Iterator[Relay]:
+    with Relay(registry_b.url) as link:
+        yield link
+
+
+def two_registry_config(root: Path, relay_a: Relay, relay_b: Relay, **mirror: Any) -> dict[str, Any]:
+    config = mirror_config(root, relay_a.url, names=[A_NAME], **mirror)
+    config["mirror"]["upstreams"] = [{"names": [B_NAME], "remoteurl": relay_b.url,
+                                      "upstream": {"retries": 1, "connect_timeout": "2s"}}]
+    return config
+
+
+@pytest.fixture
+async def node(make_mirror: Any, relay_a: Relay, relay_b: Relay, tmp_path: Path,
+               pushed: dict[str, images.Image]) -> AsyncIterator[Any]:
+    root = tmp_path / "two"
+    root.mkdir()
+    yield await make_mirror(relay_a.url, config=two_registry_config(root, relay_a, relay_b))
+
+
+async def manifest_digest(client: httpx.AsyncClient, path: str) -> str:
+    response = await client.get(path, headers=ACCEPT)
+    assert response.status_code == 200, response.text
+    return "sha256:" + hashlib.sha256(response.content).hexdigest()
+
+
+def upstream_requests(relay: Relay) -> int:
+    """Requests that named a repository (the `/v2/` ping and token calls are not content)."""
+    return sum(1 for r in relay.requests if "/manifests/" in r.path_qs or "/blobs/" in r.path_qs
+               or "/tags/" in r.path_qs)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+async def test_path_prefix_and_ns_reach_each_registry(node, relay_a, relay_b, pushed) -> None:
+    a, b = pushed["a"], pushed["b"]
+    async with node.client() as client:
+        assert await manifest_digest(client, f"/v2/{REPO}/manifests/v1") == a.digest
+        assert await manifest_digest(client, f"/v2/{REPO}/manifests/v1?ns={A_NAME}") == a.digest
+        assert await manifest_digest(client, f"/v2/{B_NAME}/{REPO}/manifests/v1") == b.digest
+        assert await manifest_digest(client, f"/v2/{REPO}/manifests/v1?ns={B_NAME}") == b.digest
+        own_b = b.layer_digests[0]
+        for path in (f"/v2/{B_NAME}/{REPO}/blobs/{own_b}", f"/v2/{REPO}/blobs/{own_b}?ns={B_NAME}"):
+            response = await client.get(path)
+            assert response.status_code == 200 and response.content == b.blobs[own_b]
+        listed = await client.get(f"/v2/{B_NAME}/{REPO}/tags/list")
+        assert listed.status_code == 200 and listed.json()["tags"] == ["v1"]
+        catalog = (await client.get("/v2/_catalog")).json()["repositories"]
+    # B's upstream saw B's own name for the repository, never the prefix
+    assert relay_b.count("GET", f"/v2/{REPO}/manifests/v1") == 1  # the second B request was a hit
+    assert not any(B_NAME in r.path_qs for r in relay_b.requests)
+    assert relay_a.count("GET", f"/v2/{REPO}/manifests/v1") == 1
+    assert relay_a.count(path_contains=own_b) == 0
+    # kept apart in the metadata: the default upstream's names unchanged, B's under its prefix
+    assert REPO in catalog and f"{B_NAME}/{REPO}" in catalog
+    tags = node.node.metadata
+    assert str((await tags.get_tag(REPO, "v1")).digest) == a.digest
+    assert str((await tags.get_tag(f"{B_NAME}/{REPO}", "v1")).digest) == b.digest
+
+
+@pytest.mark.parametrize("case_id", ["R-REG-01"])
+async def test_unknown_ns_is_404_without_an_upstream_request(case_id, node, relay_a, relay_b,
+                                                             pushed) -> None:
+    async with node.client() as client:
+        for path in (f"/v2/{REPO}/manifests/v1?ns=ghcr.io", f"/v2/{REPO}/blobs/{pushed['b'].digest}?ns=quay.io",
+                     f"/v2/{B_NAME}/{REPO}/manifests/v1?ns=elsewhere.example:5000"):
+            response = await client.get(path, headers=ACCEPT)
+            assert response.status_code == 404, response.text
+            assert response.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert upstream_requests(relay_a) == 0 and upstream_requests(relay_b) == 0
+
+
+@pytest.mark.parametrize("case_id", ["R-REG-02"])
+async def test_one_upstream_down_the_other_serves(case_id, node, relay_a, relay_b, pushed) -> None:
+    a, b = pushed["a"], pushed["b"]
+    async with node.client() as client:
+        assert await manifest_digest(client, f"/v2/{B_NAME}/{REPO}/manifests/{b.digest}") == b.digest
+        relay_b.down = True
+        refused = await client.get(f"/v2/{REPO}/manifests/v1?ns={B_NAME}", headers=ACCEPT)
+        blob = await client.get(f"/v2/{B_NAME}/{REPO}/blobs/{b.layer_digests[0]}")
+        # the other registry: cold pulls go on, and B's cached content is still served by digest
+        assert await manifest_digest(client, f"/v2/{REPO}/manifests/v1") == a.digest
+        for digest in a.blobs:
+            response = await client.get(f"/v2/{REPO}/blobs/{digest}")
+            assert response.status_code == 200 and response.content == a.blobs[digest]
+        assert await manifest_digest(client, f"/v2/{B_NAME}/{REPO}/manifests/{b.digest}") == b.digest
+    for response in (refused, blob):
+        assert response.status_code == 503, response.text
+        assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+    registries = node.node.upstream
+    assert registries.default.client.health.reachable is True
+    assert registries.others[0].client.health.reachable is False
+
+
+@pytest.mark.parametrize("case_id", ["R-REG-03"])
+async def test_a_digest_from_one_registry_is_not_served_under_the_other(case_id, node, relay_a, relay_b,
+                                                                         pushed, shared_layer) -> None:
+    a, b = pushed["a"], pushed["b"]
+    own_b, shared = b.layer_digests[0], b.layer_digests[1]
+    async with node.client() as client:
+        for digest in b.blobs:  # everything of B cached through B
+            assert (await client.get(f"/v2/{B_NAME}/{REPO}/blobs/{digest}")).status_code == 200
+        relay_a.reset()
+        hidden = await client.get(f"/v2/{REPO}/blobs/{own_b}")
+        hidden_head = await client.head(f"/v2/{REPO}/blobs/{own_b}?ns={A_NAME}")
+        shared_via_a = await client.get(f"/v2/{REPO}/blobs/{shared}")
+    assert hidden.status_code == 404 and hidden.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert hidden_head.status_code == 404
+    assert relay_a.count("HEAD", f"/v2/{REPO}/blobs/{own_b}") >= 1  # asked of A, never B's cache
+    assert shared_via_a.status_code == 200 and shared_via_a.content == shared_layer
+    assert relay_a.count("GET", f"/blobs/{shared}") == 0  # A confirmed it: served from the one copy
+    assert a.layer_digests[1] == shared
+    assert await node.node.metadata.is_linked(REPO, Digest.parse(shared))  # now linked for A too
+    objects = [p for p in Path(node.node.settings.storage.root).rglob(shared[7:]) if p.is_file()]
+    assert len(objects) == 1, objects  # one copy, whichever registry it came from
+
+
+async def test_skopeo_copies_by_prefix(node, relay_b, pushed, tmp_path) -> None:
+    b = pushed["b"]
+    result = await run_skopeo_async("copy", "--src-tls-verify=false",
+                                    f"docker://{node.host}/{B_NAME}/{REPO}:v1", f"dir:{tmp_path / 'b'}",
+                                    check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    out = tmp_path / "b"
+    assert hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == b.digest[7:]
+    for digest, data in b.blobs.items():
+        assert (out / digest[7:]).read_bytes() == data
+    assert relay_b.count("GET", f"/v2/{REPO}/manifests/v1") == 1
+
+
+# --------------------------------------------------------------------------- names and config
+
+
+def test_routing_rules_without_a_network(tmp_path: Path) -> None:
+    from mirror.node import open_registries
+
+    config = {"proxy": {"remoteurl": "https://hub.yun.example.cn"},
+              "mirror": {"names": ["central.example"], "upstreams": [
+                  {"names": ["docker.io", "registry-1.docker.io"], "remoteurl": "https://registry-1.docker.io",
+                   "tag_ttl": "10m"},
+                  {"names": ["ghcr.io"], "remoteurl": "https://ghcr.io"}]}}
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps(config))
+    settings = load_settings(path, {})
+    registries = open_registries(settings)
+    resolve = registries.resolve
+    assert resolve("org/app") == "org/app"
+    assert resolve("org/app", "hub.yun.example.cn") == "org/app"
+    assert resolve("org/app", "central.example") == "org/app"
+    assert resolve("ghcr.io/org/app") == "ghcr.io/org/app"
+    assert resolve("org/app", "ghcr.io") == "ghcr.io/org/app"
+    assert resolve("alpine", "docker.io") == "docker.io/library/alpine"
+    assert resolve("docker.io/alpine") == "docker.io/library/alpine"
+    assert resolve("registry-1.docker.io/alpine") == "docker.io/library/alpine"
+    assert resolve("alpine", "registry-1.docker.io") == "docker.io/library/alpine"
+    assert resolve("ghcr.io") == "ghcr.io"  # one component: a repository of the default upstream
+    assert resolve("org/app", "quay.io") is None
+    assert registries.owner("docker.io/library/alpine")[1] == "library/alpine"
+    assert registries.owner("ghcr.io/org/app")[0].client.base_url == "https://ghcr.io"
+    assert registries.tag_policy("docker.io/library/alpine")[0] == 600.0
+    assert registries.tag_policy("org/app")[0] == settings.mirror.tag_ttl
+
+
+@pytest.mark.parametrize("upstreams, key", [
+    ([{"names": ["ghcr.io"]}], "mirror.upstreams[0].remoteurl"),
+    ([{"names": ["ghcr.io:443"], "remoteurl": "https://ghcr.io"}], "mirror.upstreams[0].names"),
+    ([{"names": ["central.example"], "remoteurl": "https://x.example"}], "mirror.upstreams[0].names[0]"),
+    ([{"names": ["a.io"], "remoteurl": "https://a.io"}, {"names": ["a.io"], "remoteurl": "https://b.io"}],
+     "mirror.upstreams[1].names[0]"),
+    ([{"names": ["a.io"], "remoteurl": "https://a.io", "username": "u"}], "mirror.upstreams[0].password"),
+    ([{"names": ["a.io"], "remoteurl": "https://a.io", "tag_tll": "1m"}], "mirror.upstreams[0].tag_tll"),
+])
+def test_bad_upstreams_are_one_line_naming_the_key(tmp_path: Path, upstreams: list[Any], key: str) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps({"mirror": {"names": ["central.example"], "upstreams": upstreams}}))
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, {})
+    assert str(raised.value).startswith(f"config: {key}:"), str(raised.value)
+
+
+def test_docker_hub_names_are_the_default_upstream_when_it_is_docker_hub(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps({"mirror": {"upstreams": [{"names": ["docker.io"],
+                                                          "remoteurl": "https://mirror.gcr.io"}]}}))
+    with pytest.raises(ConfigError, match="mirror.upstreams.0..names.0.: 'docker.io' already names proxy"):
+        load_settings(path, {})
+
+
+def test_case_table_is_complete() -> None:
+    source = Path(__file__).read_text()
+    for case_id in CASES:
+        assert source.count(f'"{case_id}"') >= 2, case_id
