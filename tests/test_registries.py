@@ -279,3 +279,26 @@ def test_case_table_is_complete() -> None:
     source = Path(__file__).read_text()
     for case_id in CASES:
         assert source.count(f'"{case_id}"') >= 2, case_id
+
+
+async def test_ctr_pulls_both_registries_through_one_node(node, registry_a, registry_b, pushed,
+                                                          tmp_path) -> None:
+    """hosts.toml for both registry names lists the node; containerd's ns picks the upstream."""
+    from tests.support.containerd import containerd_unavailable, run_containerd
+
+    why_not = containerd_unavailable()
+    if why_not is not None:
+        pytest.skip(why_not)
+    with Relay(node.url) as front, run_containerd(tmp_path / "containerd") as containerd:
+        containerd.write_hosts_toml(A_NAME, server=registry_a.url, mirrors=[front.url])
+        hosts = containerd.write_hosts_toml(B_NAME, server=registry_b.url, mirrors=[front.url])
+        targets = {}
+        for name in (A_NAME, B_NAME):
+            await containerd.pull(f"{name}/{REPO}:v1", hosts_dir=hosts)
+            targets[name] = await containerd.image_target(f"{name}/{REPO}:v1")
+        requests = list(front.records)
+    assert targets == {A_NAME: pushed["a"].digest, B_NAME: pushed["b"].digest}
+    assert requests and all(r.status == 200 for r in requests), [(r.path_qs, r.status) for r in requests]
+    for name in (A_NAME, B_NAME):  # every request carried its registry, and the node served it
+        assert any(f"ns={name}" in r.path_qs for r in requests)
+    assert all("ns=" in r.path_qs for r in requests if r.path_qs != "/v2/")
