@@ -302,3 +302,72 @@ async def test_ctr_pulls_both_registries_through_one_node(node, registry_a, regi
     for name in (A_NAME, B_NAME):  # every request carried its registry, and the node served it
         assert any(f"ns={name}" in r.path_qs for r in requests)
     assert all("ns=" in r.path_qs for r in requests if r.path_qs != "/v2/")
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@pytest.fixture
+async def admin(node) -> AsyncIterator[httpx.AsyncClient]:
+    from aiohttp import web
+
+    from mirror.api.debug import create_debug_app
+
+    runner = web.AppRunner(create_debug_app(node.node))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client
+    await runner.cleanup()
+
+
+async def wait_job(admin: httpx.AsyncClient, job: dict[str, Any]) -> dict[str, Any]:
+    for _ in range(600):
+        if job["state"] not in ("queued", "running"):
+            return job
+        await asyncio.sleep(0.05)
+        job = (await admin.get(f"/admin/jobs/{job['id']}")).json()
+    raise AssertionError(job)
+
+
+async def test_prewarm_pin_top_purge_and_notify_take_registry_references(node, admin, relay_a, relay_b,
+                                                                          pushed) -> None:
+    a, b = pushed["a"], pushed["b"]
+    started = await admin.post("/admin/prewarm", json={"images": [f"{B_NAME}/{REPO}:v1"], "pin": True})
+    assert started.status_code == 202, started.text
+    job = await wait_job(admin, started.json())
+    assert job["state"] == "done", job
+    assert relay_a.count(path_contains="/manifests/") == 0  # B's image came from B only
+    metadata = node.node.metadata
+    assert str((await metadata.get_tag(f"{B_NAME}/{REPO}", "v1")).digest) == b.digest
+    pins = (await admin.get("/admin/pins")).json()["pins"]
+    assert [(p["registry"], p["repository"], p["reference"]) for p in pins] == [(B_NAME, REPO, "v1")]
+
+    async with node.client() as client:
+        for _ in range(2):
+            await manifest_digest(client, f"/v2/{REPO}/manifests/v1?ns={B_NAME}")
+        await manifest_digest(client, f"/v2/{REPO}/manifests/v1")
+    top = (await admin.get("/admin/top")).json()["top"]
+    assert [(t["registry"], t["repository"], t["pulls"]) for t in top] == [
+        (B_NAME, REPO, 2), (relay_a.host, REPO, 1)]
+
+    # a delete notification from B forgets B's tag only
+    envelope = {"events": [{"action": "delete", "target": {"repository": REPO, "tag": "v1"}}]}
+    sent = await admin.post(f"/admin/notify/{B_NAME}", json=envelope)
+    assert sent.status_code == 200 and sent.json()["acted"] == 1
+    assert (await admin.post("/admin/notify/nowhere.example", json=envelope)).status_code == 404
+    for _ in range(100):
+        if await metadata.get_tag(f"{B_NAME}/{REPO}", "v1") is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await metadata.get_tag(f"{B_NAME}/{REPO}", "v1") is None
+    assert str((await metadata.get_tag(REPO, "v1")).digest) == a.digest
+
+    unpinned = await admin.post("/admin/unpin", json={"images": [f"{B_NAME}/{REPO}:v1"]})
+    assert unpinned.status_code == 200 and unpinned.json()["unknown"] == [], unpinned.text
+    purged = await admin.post("/admin/purge", json={"reference": f"{B_NAME}/{REPO}@{b.digest}"})
+    assert purged.status_code == 200, purged.text
+    assert not await metadata.is_linked(f"{B_NAME}/{REPO}", Digest.parse(b.digest))
+    assert await metadata.is_linked(REPO, Digest.parse(a.digest))
