@@ -371,3 +371,105 @@ async def test_prewarm_pin_top_purge_and_notify_take_registry_references(node, a
     assert purged.status_code == 200, purged.text
     assert not await metadata.is_linked(f"{B_NAME}/{REPO}", Digest.parse(b.digest))
     assert await metadata.is_linked(REPO, Digest.parse(a.digest))
+
+
+async def test_upstream_requests_are_counted_per_registry(node, relay_a, relay_b, pushed) -> None:
+    async with node.client() as client:
+        await manifest_digest(client, f"/v2/{REPO}/manifests/v1")
+        await manifest_digest(client, f"/v2/{B_NAME}/{REPO}/manifests/v1")
+        await manifest_digest(client, f"/v2/{B_NAME}/{REPO}/manifests/{pushed['b'].digest}")
+    exposition = node.node.metrics.exposition().decode()
+    counted = {}
+    for line in exposition.splitlines():
+        if line.startswith("mirror_registry_requests_total{"):
+            labels, value = line[len("mirror_registry_requests_total{"):].split("} ")
+            fields = dict(part.split("=", 1) for part in labels.split(","))
+            key = (fields["upstream"].strip('"'), fields["method"].strip('"'))
+            counted[key] = counted.get(key, 0) + float(value)
+    assert counted[(B_NAME, "GET")] == relay_b.count("GET", "/manifests/")
+    assert counted[(relay_a.host, "GET")] == relay_a.count("GET", "/manifests/")
+
+
+# --------------------------------------------------------------------------- auth
+
+
+async def test_forward_mode_each_registry_judges_its_own_requests(make_mirror, relay_a, tmp_path,
+                                                                  pushed) -> None:
+    """Registry A asks nobody for credentials; registry C (token auth) judges C's requests alone."""
+    from tests.support.authenv import Central, bearer, challenge_params
+    from tests.support.token_issuer import SERVICE, make_ca
+
+    users = {"alice": ("alice-pw", {"fwd/app": {"pull"}})}
+    with Central(tmp_path / "central", make_ca(_made(tmp_path / "pki"), name="central"), users=users) as central, \
+            Relay(central.registry.url) as relay_c:
+        async with httpx.AsyncClient(timeout=30) as client:
+            image = await images.push_image(client, central.registry.url, "fwd/app", "v1",
+                                            headers=bearer(central.admin_token("fwd/app")))
+        root = tmp_path / "forward"
+        root.mkdir()
+        config = mirror_config(root, relay_a.url, names=[A_NAME], auth={"mode": "forward"})
+        config["mirror"]["upstreams"] = [{"names": ["central.example"], "remoteurl": relay_c.url}]
+        node = await make_mirror(relay_a.url, config=config)
+        token = central.issuer.mint_for("alice", [_pull("fwd/app")])
+        async with node.client(headers=ACCEPT) as client:
+            open_a = await client.get(f"/v2/{REPO}/manifests/v1")
+            refused = await client.get("/v2/fwd/app/manifests/v1?ns=central.example")
+            allowed = await client.get("/v2/central.example/fwd/app/manifests/v1", headers=bearer(token))
+            by_ns = await client.get("/v2/fwd/app/manifests/v1?ns=central.example", headers=bearer(token))
+    assert open_a.status_code == 200 and open_a.content == pushed["a"].manifest
+    assert refused.status_code == 401
+    params = challenge_params(refused.headers["WWW-Authenticate"])[1]
+    # C's own challenge, scoped to C's own repository name (what C's token service knows)
+    assert (params["realm"], params["service"], params["scope"]) == (
+        central.issuer.url, SERVICE, "repository:fwd/app:pull")
+    assert allowed.status_code == 200 and allowed.content == image.manifest
+    assert by_ns.status_code == 200 and by_ns.content == image.manifest
+    assert relay_c.count("HEAD", "/v2/fwd/app/manifests/v1") == 1  # the token checked once, by C's path
+    assert relay_a.count("HEAD") == 0
+
+
+async def test_token_mode_never_sends_a_clients_token_to_another_registry(make_mirror, relay_b, tmp_path,
+                                                                          pushed) -> None:
+    """The node's client auth covers every registry, its scope naming the node's key
+    (`reg-b.example/team/app`). The default upstream trusts the node's token service, so
+    a client's token goes there; registry B is fetched from with the node's own account."""
+    from tests.support.authenv import Central, bearer, challenge_params
+    from tests.support.token_issuer import make_ca
+
+    users = {"bob": ("bob-pw", {f"{B_NAME}/{REPO}": {"pull"}, "fwd/app": {"pull"}})}
+    with Central(tmp_path / "central", make_ca(_made(tmp_path / "pki"), name="central"), users=users) as central, \
+            Relay(central.registry.url) as relay_c:
+        async with httpx.AsyncClient(timeout=30) as client:
+            image = await images.push_image(client, central.registry.url, "fwd/app", "v1",
+                                            headers=bearer(central.admin_token("fwd/app")))
+        root = tmp_path / "token"
+        root.mkdir()
+        config = mirror_config(root, relay_c.url, names=["central.example"])
+        config["mirror"]["upstreams"] = [{"names": [B_NAME], "remoteurl": relay_b.url}]
+        config["auth"] = {"token": central.token_block}
+        node = await make_mirror(relay_c.url, config=config)
+        token = central.issuer.mint_for("bob", [_pull(f"{B_NAME}/{REPO}"), _pull("fwd/app")])
+        async with node.client(headers=ACCEPT) as client:
+            anonymous = await client.get(f"/v2/{REPO}/manifests/v1?ns={B_NAME}")
+            for_default = await client.get("/v2/fwd/app/manifests/v1", headers=bearer(token))
+            for_b = await client.get(f"/v2/{REPO}/manifests/v1?ns={B_NAME}", headers=bearer(token))
+            not_granted = await client.get(f"/v2/{REPO}/manifests/v1", headers=bearer(token))
+        passed_on = [r for r in relay_c.records if "authorization" in {k.lower() for k in r.request_headers or {}}]
+    assert anonymous.status_code == 401
+    scope = challenge_params(anonymous.headers["WWW-Authenticate"])[1]["scope"]
+    assert scope == f"repository:{B_NAME}/{REPO}:pull"
+    assert for_default.status_code == 200 and for_default.content == image.manifest
+    assert passed_on  # the default upstream got the client's own token
+    assert for_b.status_code == 200 and for_b.content == pushed["b"].manifest
+    assert not any("authorization" in {k.lower() for k in r.request_headers or {}} for r in relay_b.records)
+    assert not_granted.status_code in (401, 403)  # bob may pull B's team/app, not the default's
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _pull(repo: str) -> Any:
+    from mirror.auth.access import Access
+    return Access.of("repository", repo, "pull")

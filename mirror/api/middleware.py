@@ -121,6 +121,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     route, registry_of_name = _keyed(request, route)
     required = required_access(route, request.method, request.query.get("from"))
     client_header = await node.access.authorize(request, required)
+    if (registry_of_name is not None and registry_of_name.prefix is not None
+            and node.settings.mirror.auth.mode != "forward"):
+        client_header = None  # a client's token for this node is never sent to another registry
     request[handlers.UPSTREAM_CREDENTIAL] = upstream_credential(client_header)
     if request.method not in routes.READ_METHODS[route.name]:
         if registry_of_name is not None and registry_of_name is not node.upstream.default:

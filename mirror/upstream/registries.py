@@ -197,6 +197,7 @@ class Registries:
 
     def observe(self, metrics: Metrics) -> None:
         for registry in self.all:
+            registry.client.label = registry.label
             registry.client.observe(metrics)
 
     async def aclose(self) -> None:
