@@ -78,7 +78,8 @@ class Node:
         if seen not in self.unknown_namespaces and len(self.unknown_namespaces) < UNKNOWN_NAMESPACES_LOGGED:
             self.unknown_namespaces.add(seen)
             log.warning("a client asked for registry %r (?ns=), which is not this node's upstream %s: "
-                        "answered 404; add it to mirror.names if it means this upstream",
+                        "answered 404; add it to mirror.names if it means this upstream, "
+                        "or to mirror.upstreams to serve that registry too",
                         seen, self.upstream.base_url)
         return False
 

@@ -473,3 +473,27 @@ def _made(directory: Path) -> Path:
 def _pull(repo: str) -> Any:
     from mirror.auth.access import Access
     return Access.of("repository", repo, "pull")
+
+
+def test_shipped_hosts_files_all_point_at_one_node_that_serves_their_names() -> None:
+    """deploy/clients/containerd/one-node: each registry directory's name is served by
+    deploy/config-registries.yml, and every file lists the same node ahead of its server."""
+    import tomllib
+
+    from mirror.node import open_registries
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    settings = load_settings(deploy / "config-registries.yml", {})
+    registries = open_registries(settings)
+    files = sorted((deploy / "clients" / "containerd" / "one-node").glob("*/hosts.toml"))
+    assert [f.parent.name for f in files] == ["docker.io", "ghcr.io", "hub.yun.paic.com.cn"]
+    nodes = set()
+    for path in files:
+        hosts = tomllib.loads(path.read_text())
+        nodes |= set(hosts["host"])
+        assert registries.resolve("org/app", path.parent.name) is not None, path
+        served_by = registries.named(path.parent.name)
+        assert served_by is not None and hosts["server"].startswith("https://")
+    assert nodes == {settings.http.host}
+    assert registries.resolve("alpine", "docker.io") == "docker.io/library/alpine"
+    assert registries.resolve("team/app", "hub.yun.paic.com.cn") == "team/app"
