@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mirror import errors
 from mirror.config import ConfigError, load_settings
 from mirror.registry.digest import Digest
 from tests.conftest import mirror_config
@@ -133,7 +134,9 @@ async def test_path_prefix_and_ns_reach_each_registry(node, relay_a, relay_b, pu
             response = await client.get(path)
             assert response.status_code == 200 and response.content == b.blobs[own_b]
         listed = await client.get(f"/v2/{B_NAME}/{REPO}/tags/list")
-        assert listed.status_code == 200 and listed.json()["tags"] == ["v1"]
+        assert listed.status_code == 200 and listed.json() == {"name": f"{B_NAME}/{REPO}", "tags": ["v1"]}
+        listed = await client.get(f"/v2/{REPO}/tags/list?ns={B_NAME}")
+        assert listed.status_code == 200 and listed.json() == {"name": REPO, "tags": ["v1"]}
         catalog = (await client.get("/v2/_catalog")).json()["repositories"]
     # B's upstream saw B's own name for the repository, never the prefix
     assert relay_b.count("GET", f"/v2/{REPO}/manifests/v1") == 1  # the second B request was a hit
@@ -248,6 +251,15 @@ def test_routing_rules_without_a_network(tmp_path: Path) -> None:
     assert registries.owner("ghcr.io/org/app")[0].client.base_url == "https://ghcr.io"
     assert registries.tag_policy("docker.io/library/alpine")[0] == 600.0
     assert registries.tag_policy("org/app")[0] == settings.mirror.tag_ttl
+    from mirror.ops.prewarm import parse_image
+
+    namespaces = frozenset({"hub.yun.example.cn", "central.example"})
+    assert parse_image("ghcr.io/org/app:v1", namespaces, registries).repo == "ghcr.io/org/app"
+    assert parse_image("docker.io/alpine", namespaces, registries).repo == "docker.io/library/alpine"
+    assert parse_image("central.example/team/app:v1", namespaces, registries).repo == "team/app"
+    assert parse_image("team/app@sha256:" + "a" * 64, namespaces, registries).repo == "team/app"
+    with pytest.raises(errors.NameInvalid):
+        parse_image("quay.io/org/app:v1", namespaces, registries)
 
 
 @pytest.mark.parametrize("upstreams, key", [

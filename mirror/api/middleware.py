@@ -150,6 +150,7 @@ def _keyed(request: web.Request, route: routes.Route) -> tuple[routes.Route, Reg
     if key is None:
         return route, None
     RepositoryName.parse(key)  # the prefix may take a long name past the length limit
+    request[handlers.CLIENT_NAME] = route.params["name"]
     return routes.Route(route.name, {**route.params, "name": key}), registries.owner(key)[0]
 
 
