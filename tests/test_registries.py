@@ -182,6 +182,14 @@ async def test_one_upstream_down_the_other_serves(case_id, node, relay_a, relay_
     registries = node.node.upstream
     assert registries.default.client.health.reachable is True
     assert registries.others[0].client.health.reachable is False
+    from mirror.api.debug import create_debug_app
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async with TestClient(TestServer(create_debug_app(node.node))) as debug:
+        ready = await debug.get("/debug/ready")
+        body = await ready.json()
+    assert ready.status == 200 and body["upstream_reachable"] is True  # B down never makes the node unready
+    assert body["registries"][B_NAME]["reachable"] is False
 
 
 @pytest.mark.parametrize("case_id", ["R-REG-03"])
