@@ -35,12 +35,15 @@ upstream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpx
+
 from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
+from mirror.upstream.auth import Challenge
 from mirror.upstream.client import BlobStream, ManifestHead, Upstream, UpstreamManifest
 from mirror.upstream.credential import Credential
 
@@ -182,18 +185,16 @@ class Registries:
 
     # -- no repository: the default upstream -----------------------------------------------
 
-    def url(self, repo: str, kind: str, reference: str) -> str:
-        registry, name = self.owner(repo)
-        return registry.client.url(name, kind, reference)
-
-    async def challenge(self):  # type: ignore[no-untyped-def]
+    async def challenge(self) -> Challenge | None:
         return await self.default.client.challenge()
 
     async def probe(self, path_qs: str, credential: Credential) -> int:
         return await self.default.client.probe(path_qs, credential)
 
-    def forward(self, method: str, path_qs: str, headers: dict[str, str], content: object):  # type: ignore[no-untyped-def]
-        return self.default.client.forward(method, path_qs, headers, content)  # type: ignore[arg-type]
+    def forward(self, method: str, path_qs: str, headers: dict[str, str],
+                content: bytes | AsyncIterator[bytes] | None) -> AbstractAsyncContextManager[httpx.Response]:
+        """Pushes (`passthrough_writes`) go to the default upstream only."""
+        return self.default.client.forward(method, path_qs, headers, content)
 
     def observe(self, metrics: Metrics) -> None:
         for registry in self.all:
