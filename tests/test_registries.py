@@ -517,3 +517,19 @@ def test_shipped_hosts_files_all_point_at_one_node_that_serves_their_names() -> 
     assert nodes == {settings.http.host}
     assert registries.resolve("alpine", "docker.io") == "docker.io/library/alpine"
     assert registries.resolve("team/app", "hub.yun.paic.com.cn") == "team/app"
+
+
+async def test_pushes_to_another_registry_are_refused(make_mirror, relay_a, relay_b, tmp_path) -> None:
+    """passthrough_writes relays to the default upstream only; another registry's name is refused."""
+    root = tmp_path / "writes"
+    root.mkdir()
+    node = await make_mirror(relay_a.url, config=two_registry_config(root, relay_a, relay_b,
+                                                                     passthrough_writes=True))
+    async with node.client() as client:
+        by_prefix = await client.post(f"/v2/{B_NAME}/{REPO}/blobs/uploads/")
+        by_ns = await client.post(f"/v2/{REPO}/blobs/uploads/?ns={B_NAME}")
+        default = await client.post(f"/v2/{REPO}/blobs/uploads/")
+    for refused in (by_prefix, by_ns):
+        assert refused.status_code == 405 and refused.json()["errors"][0]["code"] == "UNSUPPORTED"
+    assert default.status_code == 202
+    assert relay_b.count() == 0 and relay_a.count("POST") == 1
