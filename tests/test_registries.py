@@ -533,3 +533,27 @@ async def test_pushes_to_another_registry_are_refused(make_mirror, relay_a, rela
         assert refused.status_code == 405 and refused.json()["errors"][0]["code"] == "UNSUPPORTED"
     assert default.status_code == 202
     assert relay_b.count() == 0 and relay_a.count("POST") == 1
+
+
+async def test_tag_ttl_and_stale_serving_are_per_registry(make_mirror, relay_a, relay_b, tmp_path,
+                                                          pushed) -> None:
+    """B's `tag_ttl: 0s` override revalidates every pull of B's tags; A keeps mirror.tag_ttl.
+    With B down, B's cached tag is served stale while A is untouched."""
+    root = tmp_path / "ttl"
+    root.mkdir()
+    config = two_registry_config(root, relay_a, relay_b, tag_ttl="1h")
+    config["mirror"]["upstreams"][0]["tag_ttl"] = "0s"
+    node = await make_mirror(relay_a.url, config=config)
+    async with node.client() as client:
+        for _ in range(2):
+            assert await manifest_digest(client, f"/v2/{REPO}/manifests/v1") == pushed["a"].digest
+            assert await manifest_digest(client, f"/v2/{B_NAME}/{REPO}/manifests/v1") == pushed["b"].digest
+        assert relay_b.count("HEAD", "/manifests/v1") == 1 and relay_a.count("HEAD", "/manifests/v1") == 0
+        relay_b.down = True
+        stale = await client.get(f"/v2/{REPO}/manifests/v1?ns={B_NAME}", headers=ACCEPT)
+        fresh = await client.get(f"/v2/{REPO}/manifests/v1", headers=ACCEPT)
+    assert stale.status_code == 200 and stale.content == pushed["b"].manifest
+    assert stale.headers["Cache-Control"] == "max-age=0"  # B's own TTL in the answer
+    assert fresh.status_code == 200 and fresh.content == pushed["a"].manifest
+    assert int(fresh.headers["Cache-Control"].split("=")[1]) > 3000
+    assert node.node.metrics.registry.get_sample_value("mirror_stale_tags_served_total") == 1
