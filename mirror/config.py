@@ -514,6 +514,27 @@ class ScrubSettings:
     interval: float = 7 * 86400.0  # seconds for one paced pass over the whole store; 0 = off
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class RegistrySettings:
+    """One of `mirror.upstreams`: a registry besides `proxy.remoteurl`, with its own client."""
+
+    names: tuple[str, ...]  # lower case; `prefix` is the first one that is a repository component
+    remoteurl: str
+    username: str | None = None  # both or neither; redacted in repr
+    password: str | None = None
+    tag_ttl: float | None = None  # None: mirror.tag_ttl
+    tag_max_stale: float | None = None  # None: mirror.tag_max_stale
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)  # over mirror.upstream
+
+    @property
+    def prefix(self) -> str:
+        """The name its repositories are keyed under (`<prefix>/<repo>`) and addressed by."""
+        return next(name for name in self.names if _REPOSITORY_COMPONENT.fullmatch(name))
+
+    def __repr__(self) -> str:
+        return _redacting_repr(self, frozenset({"password"}))
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorSettings:
     tag_ttl: float = 60.0  # seconds a cached tag is trusted without asking upstream
@@ -533,6 +554,7 @@ class MirrorSettings:
     scrub: ScrubSettings = field(default_factory=ScrubSettings)
     shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
     names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
+    upstreams: tuple[RegistrySettings, ...] = ()  # further registries served by this node (README)
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,6 +687,10 @@ _MIRROR_FIELDS = {
     "shutdown_grace": parse_duration,
     "names": _registry_names,
 }
+_REGISTRY_FIELDS = {"names": _registry_names, "remoteurl": _remote_url, "username": _string,
+                    "password": _string, "tag_ttl": parse_duration, "tag_max_stale": parse_duration}
+#: A name that can lead a repository path (`/v2/ghcr.io/org/app/...`): no port, lower case.
+_REPOSITORY_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TOKEN_FIELDS = {
     "realm": _string,
     "service": _string,
@@ -705,6 +731,7 @@ def _mirror_schema() -> dict[str, Any]:
     return {
         **_uses(*_MIRROR_FIELDS),
         "upstream": _uses(*_UPSTREAM_FIELDS),
+        "upstreams": _ListOf({**_uses(*_REGISTRY_FIELDS), "upstream": _uses(*_UPSTREAM_FIELDS)}),
         "cache": _uses("max_size", *_CACHE_FIELDS),
         "auth": _uses(*_MIRROR_AUTH_FIELDS),
         "admin": _uses(*_ADMIN_FIELDS),
@@ -1152,9 +1179,11 @@ def _headers(value: Any, key: str) -> Mapping[str, tuple[str, ...]]:
 
 def _mirror(root: _Section) -> MirrorSettings:
     mirror = root.sub("mirror")
+    upstream = _upstream(mirror.sub("upstream"))
     return replace(
         mirror.build(MirrorSettings, _MIRROR_FIELDS),
-        upstream=_upstream(mirror.sub("upstream")),
+        upstream=upstream,
+        upstreams=_registries(mirror, upstream, root.sub("proxy").get("remoteurl", _remote_url, DOCKER_HUB)),
         cache=_cache(mirror.sub("cache")),
         auth=mirror.sub("auth").build(MirrorAuthSettings, _MIRROR_AUTH_FIELDS),
         admin=mirror.sub("admin").build(AdminSettings, _ADMIN_FIELDS),
@@ -1175,6 +1204,40 @@ def _notify(notify: _Section, admin: _Section) -> NotifySettings:
     if settings.token is not None and settings.token == admin.get("token", _string):
         raise ConfigError(notify.key("token"), "must differ from mirror.admin.token")
     return settings
+
+
+def _registries(mirror: _Section, defaults: UpstreamSettings, remoteurl: str) -> tuple[RegistrySettings, ...]:
+    """`mirror.upstreams`: each name means one registry, and one name can prefix repositories."""
+    items = mirror.raw("upstreams") or []  # shape already checked by _classify
+    taken = {name: "mirror.names" for name in mirror.get("names", _registry_names, ())}
+    default_host = urlsplit(remoteurl).netloc.lower()
+    hub = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+    for name in {default_host} | (hub if default_host in hub else set()):
+        taken[name] = "proxy.remoteurl"
+    registries = []
+    for i, item in enumerate(items):
+        section = _Section(item or {}, f"{mirror.key('upstreams')}[{i}]")
+        names = _required(section, "names", _registry_names)
+        _required(section, "remoteurl", _remote_url)
+        for j, name in enumerate(names):
+            if name in taken:
+                raise ConfigError(section.key(f"names[{j}]"), f"{name!r} already names {taken[name]}")
+            taken[name] = section.prefix
+        if not any(_REPOSITORY_COMPONENT.fullmatch(name) for name in names):
+            raise ConfigError(section.key("names"), "needs one name without a port: it prefixes "
+                              "this registry's repositories (/v2/<name>/<repository>/...)")
+        settings = section.build(RegistrySettings, _REGISTRY_FIELDS)
+        if (settings.username is None) != (settings.password is None):
+            missing = "password" if settings.password is None else "username"
+            raise ConfigError(section.key(missing), "required: set both username and password, or neither")
+        overrides = section.sub("upstream")
+        values = {name: overrides.get(name, parse) for name, parse in _UPSTREAM_FIELDS.items()}
+        upstream = replace(defaults, **{k: v for k, v in values.items() if v is not None})
+        if upstream.max_keepalive > upstream.max_connections:
+            raise ConfigError(overrides.key("max_keepalive"),
+                              f"must not exceed max_connections ({upstream.max_connections})")
+        registries.append(replace(settings, upstream=upstream))
+    return tuple(registries)
 
 
 def _upstream(upstream: _Section) -> UpstreamSettings:

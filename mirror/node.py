@@ -23,6 +23,7 @@ from mirror.storage.metadata import Metadata
 from mirror.storage.quota import Quota
 from mirror.storage.scrub import Integrity, Scrubber
 from mirror.upstream.client import Upstream
+from mirror.upstream.registries import Registries, Registry, default_names
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Node:
     settings: Settings
     store: BlobStore
     metadata: Metadata
-    upstream: Upstream
+    upstream: Registries  # every upstream, routed by repository (mirror.upstream.registries)
     executor: ThreadPoolExecutor
     fetcher: Fetcher
     blobs: Blobs
@@ -70,16 +71,23 @@ class Node:
         containerd quietly moves on to its next host (across the link) on our
         404, so an operator who forgot `mirror.names` needs the log to say why.
         """
-        if ns.lower() in self.namespaces:
+        if ns.lower() in self.namespaces or self.upstream.named(ns) is not None:
             return True
         self.metrics.unknown_namespaces.inc()
         seen = ns[:100].lower()
         if seen not in self.unknown_namespaces and len(self.unknown_namespaces) < UNKNOWN_NAMESPACES_LOGGED:
             self.unknown_namespaces.add(seen)
             log.warning("a client asked for registry %r (?ns=), which is not this node's upstream %s: "
-                        "answered 404; add it to mirror.names if it means this upstream",
+                        "answered 404; add it to mirror.names if it means this upstream, "
+                        "or to mirror.upstreams to serve that registry too",
                         seen, self.upstream.base_url)
         return False
+
+    def repository_key(self, name: str, ns: str | None) -> str | None:
+        """The node's key for a request's repository `name` and `?ns=` (None: unknown `ns`)."""
+        if ns is not None and not self.serves_namespace(ns):
+            return None
+        return self.upstream.resolve(name, ns)
 
 
 def warn_unnamed_upstream(settings: Settings) -> None:
@@ -95,6 +103,23 @@ def warn_unnamed_upstream(settings: Settings) -> None:
                     "list the registry's names in mirror.names", host)
 
 
+def open_registries(settings: Settings, transport: object = None) -> Registries:
+    """The default upstream and each of `mirror.upstreams`, every one with its own client."""
+    mirror = settings.mirror
+    proxy = settings.proxy
+    client = Upstream(proxy.remoteurl, proxy.username, proxy.password, mirror.upstream,
+                      transport=transport)  # type: ignore[arg-type]
+    default = Registry(None, default_names(proxy.remoteurl, mirror.names), client, mirror.tag_ttl,
+                       mirror.tag_max_stale)
+    others = [Registry(r.prefix, frozenset(r.names),
+                       Upstream(r.remoteurl, r.username, r.password, r.upstream,
+                                transport=transport),  # type: ignore[arg-type]
+                       mirror.tag_ttl if r.tag_ttl is None else r.tag_ttl,
+                       mirror.tag_max_stale if r.tag_max_stale is None else r.tag_max_stale)
+              for r in mirror.upstreams]
+    return Registries(default, others)
+
+
 async def open_node(settings: Settings, transport: object = None) -> Node:
     """Open the store and metadata, sweep leftovers, build the services."""
     warn_unnamed_upstream(settings)
@@ -103,13 +128,13 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")
     await metadata.open()
     mirror = settings.mirror
-    upstream = Upstream(settings.proxy.remoteurl, settings.proxy.username, settings.proxy.password,
-                        mirror.upstream, transport=transport)  # type: ignore[arg-type]
+    upstream = open_registries(settings, transport)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
     negative = NegativeCache(mirror.negative_ttl)
     blobs = Blobs(store, metadata, upstream, executor, negative, retries=mirror.upstream.retries)
     manifests = Manifests(store, metadata, upstream, executor, negative, tag_ttl=mirror.tag_ttl,
                           tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
+    manifests.tag_policy = upstream.tag_policy  # per registry (mirror.upstreams[].tag_ttl)
     tags = TagLists(metadata, upstream, mirror.tag_ttl)
     access = build_access(settings, upstream)
     metrics = Metrics()

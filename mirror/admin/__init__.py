@@ -45,7 +45,7 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
     """
     if request.path.startswith(ADMIN_PREFIX) or request.path == STATUS_PAGE:
         settings = request.app[NODE].settings.mirror
-        if request.path == NOTIFY_PATH:
+        if request.path == NOTIFY_PATH or request.path.startswith(f"{NOTIFY_PATH}/"):  # per registry too
             secret, key = settings.notify.token, "mirror.notify.token"
         else:
             secret, key = settings.admin.token, "mirror.admin.token"

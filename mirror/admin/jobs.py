@@ -95,7 +95,7 @@ async def unpin(request: web.Request) -> web.Response:
     removed: list[dict[str, Any]] = []
     missing = []
     for text in _images(await _json(request)):
-        ref = parse_image(text, node.namespaces)
+        ref = parse_image(text, node.namespaces, node.upstream)
         found = await node.ops.unpin(ref.repo, ref.reference)
         if not found:
             missing.append(text)
@@ -112,7 +112,11 @@ async def top(request: web.Request) -> web.Response:
     raw = request.query.get("n", "20")
     if not raw.isdigit():
         raise errors.RegistryError("n must be a number", status=400)
-    return web.json_response({"top": request.app[NODE].ops.popularity.top(min(int(raw), MAX_TOP))})
+    node = request.app[NODE]
+    entries = node.ops.popularity.top(min(int(raw), MAX_TOP))
+    for entry in entries:  # counted per repository key: name the registry and its repository there
+        entry["registry"], entry["repository"] = node.upstream.display(entry["repository"])
+    return web.json_response({"top": entries})
 
 
 def routes(router: web.UrlDispatcher) -> None:

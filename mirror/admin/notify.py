@@ -6,6 +6,7 @@ config carries it: `headers: {Authorization: [Bearer <token>]}`. The body is
 distribution's envelope (`application/vnd.docker.distribution.events.v1+json`,
 `{"events": [...]}`); it is acted on in the background, so the answer (200,
 with counts) comes at once and the registry's delivery `timeout` is never hit.
+Another registry of `mirror.upstreams` posts to `/admin/notify/<its name>`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ async def notify(request: web.Request) -> web.Response:
                              lambda: errors.RegistryError("notification envelope too large", status=413))
     raw_hops = request.headers.get(HOPS_HEADER, "0")
     hops = int(raw_hops) if raw_hops.isdigit() else 0
-    counts = request.app[NODE].ops.notifications.receive(body, hops)
+    node = request.app[NODE]
+    registry = None
+    name = request.match_info.get("registry")
+    if name is not None:  # another of mirror.upstreams sent it: its repositories are its own
+        registry = node.upstream.named(name)
+        if registry is None:
+            raise errors.NameUnknown(f"this node serves no registry {name[:100]!r}", status=404)
+    counts = node.ops.notifications.receive(body, hops, registry)
     return web.json_response(counts)
 
 
 def routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/notify", notify)
+    router.add_post("/admin/notify/{registry}", notify)  # per registry (README, Several registries)

@@ -212,6 +212,7 @@ async def purge_handler(request: web.Request) -> web.Response:
     if not isinstance(reference, str) or not reference:
         raise errors.RegistryError('"reference" must be "REPO", "REPO:TAG" or "REPO@DIGEST"', status=400)
     repo, tag, digest = parse_purge_reference(reference)
+    repo = request.app[NODE].upstream.resolve(repo) or repo  # `ghcr.io/org/app`: that registry's key
     return web.json_response(await purge(request.app[NODE], repo, tag, digest))
 
 

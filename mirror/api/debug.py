@@ -54,6 +54,9 @@ async def ready(request: web.Request) -> web.Response:
     writable = await request.app[STORE_CHECK].writable(node, READY_WAIT)
     link = await node.upstream.health.report(READY_WAIT)
     body = {"store_writable": writable, "upstream_reachable": link["reachable"], "upstream": link}
+    if node.upstream.others:  # mirror.upstreams: shown, never waited on, never making the node unready
+        body["registries"] = {r.label: {"reachable": r.client.health.reachable, "error": r.client.health.error}
+                              for r in node.upstream.others}
     return web.json_response(body, status=200 if writable else 503)
 
 

@@ -32,6 +32,8 @@ CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
 ROUTE_NAME: web.RequestKey[str] = web.RequestKey("route", str)
 #: Whose credentials this request's upstream calls carry; set by the auth layer, always.
 UPSTREAM_CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("upstream_credential", Credential)
+#: The repository name as the client wrote it, when routing keyed it otherwise (`?ns=`, a prefix).
+CLIENT_NAME: web.RequestKey[str] = web.RequestKey("client_name", str)
 MAX_PAGE = 10_000
 BLOB_CACHE_CONTROL = "max-age=31536000"
 
@@ -66,8 +68,8 @@ async def tags_list(request: web.Request, params: dict[str, str]) -> web.Respons
     n, last = page_params(request)
     tags = await _node(request).tags.list(repo, _credential(request))
     page, more = paginate(tags, n, last)
-    response = web.json_response({"name": repo, "tags": page})
-    if more:
+    response = web.json_response({"name": request.get(CLIENT_NAME, repo), "tags": page})
+    if more:  # by the node's key: the next page reaches the same registry without `ns`
         response.headers["Link"] = f'</v2/{repo}/tags/list?last={page[-1]}&n={n}>; rel="next"'
     return response
 
@@ -110,7 +112,7 @@ async def manifest(request: web.Request, params: dict[str, str]) -> web.StreamRe
     }
     if isinstance(reference, Tag):
         headers["Vary"] = "Accept"
-        headers.update(_freshness(result.fetched_at, _node(request).settings.mirror.tag_ttl))
+        headers.update(_freshness(result.fetched_at, _node(request).manifests.tag_policy(repo)[0]))
     if _etag_matches(request, str(result.digest)):
         return web.Response(status=304, headers=headers)
     return web.Response(body=result.raw, headers=headers)

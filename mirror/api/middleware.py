@@ -17,6 +17,7 @@ from mirror.auth.controller import required_access
 from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName, parse_reference
 from mirror.upstream.credential import Credential
+from mirror.upstream.registries import Registry
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +118,40 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         RepositoryName.parse(route.params["name"])  # a bad name is 400 for everyone, before auth
     if request.query.get("from"):
         RepositoryName.parse(request.query["from"])
+    route, registry_of_name = _keyed(request, route)
     required = required_access(route, request.method, request.query.get("from"))
     client_header = await node.access.authorize(request, required)
+    if (registry_of_name is not None and registry_of_name.prefix is not None
+            and node.settings.mirror.auth.mode != "forward"):
+        client_header = None  # a client's token for this node is never sent to another registry
     request[handlers.UPSTREAM_CREDENTIAL] = upstream_credential(client_header)
     if request.method not in routes.READ_METHODS[route.name]:
+        if registry_of_name is not None and registry_of_name is not node.upstream.default:
+            raise errors.Unsupported("pushes are relayed to the default upstream only")
         return await writes.forward(request, route)
     if route.name == "base":
         return await handlers.base(request)
     _check_namespace(request)
     return await handlers.HANDLERS[route.name](request, route.params)
+
+
+def _keyed(request: web.Request, route: routes.Route) -> tuple[routes.Route, Registry | None]:
+    """The route with its name as the node keys it: `<registry prefix>/<repo>` for a
+    repository of another registry than the default (by `?ns=` or by path prefix).
+
+    Done before auth, so the token scope a client needs names the registry too;
+    an unknown `ns` keeps the name as sent and is refused after auth.
+    """
+    if "name" not in route.params:
+        return route, None
+    registries = request.app[handlers.NODE].upstream
+    ns = request.query.get("ns")
+    key = registries.resolve(route.params["name"], ns)
+    if key is None:
+        return route, None
+    RepositoryName.parse(key)  # the prefix may take a long name past the length limit
+    request[handlers.CLIENT_NAME] = route.params["name"]
+    return routes.Route(route.name, {**route.params, "name": key}), registries.owner(key)[0]
 
 
 def upstream_credential(client_header: str | None) -> Credential:

@@ -261,8 +261,10 @@ def install_reload(*reloadables: object) -> None:
 def build_access(settings: Settings, upstream: Upstream) -> AccessController:
     """The controller the settings ask for (forward mode only when explicit)."""
     if settings.mirror.auth.mode == "forward":
-        from mirror.auth.forward import ForwardAccess
+        from mirror.auth.forward import ForwardAccess, ForwardByRegistry
 
+        if settings.mirror.upstreams:  # each registry relays its own challenge, judges its own tokens
+            return ForwardByRegistry(upstream)  # type: ignore[arg-type]
         return ForwardAccess(upstream)
     if settings.auth.token is not None:
         return TokenAccess(settings, upstream)

@@ -43,6 +43,7 @@ from mirror.proxy.singleflight import SingleFlight
 from mirror.upstream.auth import Challenge
 from mirror.upstream.client import Upstream
 from mirror.upstream.credential import Credential
+from mirror.upstream.registries import Registries
 from mirror.upstream.tls import verify_setting
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ class ForwardAccess:
         self._learned_at = -LEARN_EVERY
         self.heads = 0
 
-    async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
+    async def authorize(self, request: web.Request, required: Sequence[Access],
+                        path: str | None = None) -> str | None:
+        """`path`: what upstream is probed with (default: the request's own path)."""
         authorization = request.headers.get("Authorization")
         upstream_challenge = await self.upstream.challenge()  # unknown upstream: UNAVAILABLE
         if upstream_challenge is None:
@@ -129,7 +132,7 @@ class ForwardAccess:
         if allowed is None and upstream_challenge.scheme != "basic":
             signer = await self._signer(raw, required, upstream_challenge)
         if allowed is None:
-            path = request.rel_url.raw_path
+            path = path or request.rel_url.raw_path
             allowed = await self._flight.run(
                 key, lambda: self._verify(key, path, authorization, claims, signer))
         if not allowed:
@@ -245,3 +248,33 @@ class ForwardAccess:
         else:
             value = challenge(params.get("realm", ""), params.get("service", ""), required, error)
         return deny(auth_access.Unauthorized(error, reason, value), required)
+
+
+#: The last fixed part of each repository route's path, after the repository name.
+_ROUTE_TAILS = ("/manifests/", "/blobs/", "/tags/list")
+
+
+class ForwardByRegistry:
+    """Forward mode with several registries: each registry judges its own requests.
+
+    A request for another registry than the default is judged by that
+    registry alone: its challenge is relayed with the scope of its own
+    repository name (`team/app`, not the node's key `ghcr.io/team/app`), so
+    the client fetches a token that registry's auth service issues, and the
+    token is checked by probing that registry with its own path.
+    """
+
+    def __init__(self, registries: Registries) -> None:
+        self.registries = registries
+        self.judges = {registry.label: ForwardAccess(registry.client) for registry in registries.all}
+
+    async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
+        registry, own_name = (self.registries.owner(required[0].name) if required
+                              else (self.registries.default, ""))
+        judge = self.judges[registry.label]
+        if registry.prefix is None:
+            return await judge.authorize(request, required)
+        own = [Access(a.type, self.registries.owner(a.name)[1], a.actions) for a in required]
+        raw = request.rel_url.raw_path
+        tail = max(raw.rfind(marker) for marker in _ROUTE_TAILS)
+        return await judge.authorize(request, own, path=f"/v2/{own_name}{raw[tail:]}")

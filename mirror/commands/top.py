@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_top(entries: list[dict[str, Any]], colour: bool = False) -> str:
-    """PULLS, IMAGE, LAST PULL, aligned; most pulled first as the node ranked them."""
-    rows = [[str(e["pulls"]), f"{e['repository']}:{e['tag']}",
+    """PULLS, IMAGE, REGISTRY, LAST PULL, aligned; most pulled first as the node ranked them."""
+    rows = [[str(e["pulls"]), f"{e['repository']}:{e['tag']}", e.get("registry", ""),
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["last_pull"]))] for e in entries]
-    return table(["PULLS", "IMAGE", "LAST PULL"], rows, right=(0,), colour=colour)
+    return table(["PULLS", "IMAGE", "REGISTRY", "LAST PULL"], rows, right=(0,), colour=colour)

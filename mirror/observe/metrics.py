@@ -69,6 +69,10 @@ class Metrics:
         self.unknown_namespaces = Counter("mirror_unknown_namespace",
                                           "Requests whose ?ns= names a registry other than the upstream "
                                           "(404; see mirror.names)", registry=r)
+        self.registry_requests = Counter("mirror_registry_requests",
+                                         "Requests sent upstream, by registry (proxy.remoteurl's host, "
+                                         "or a mirror.upstreams prefix)", ["upstream", "method", "status"],
+                                         registry=r)
         self.offline_tokens = Counter("mirror_offline_tokens_issued",
                                       "Tokens the node signed itself while the auth service was unreachable",
                                       registry=r)

@@ -108,8 +108,9 @@ class Operations:
     # -- pins (mirror.storage.pins; eviction skips what a pin holds) -----------------------
 
     def pin_key(self, repo: str, reference: str) -> PinKey:
-        """The pin of `repo:reference` on this node's upstream."""
-        return PinKey(self.registry, repo, reference)
+        """The pin of `repo:reference` (a node repository key) on the registry owning it."""
+        registry, name = self.node.upstream.display(repo)
+        return PinKey(registry, name, reference)
 
     async def pin(self, repo: str, reference: str, digest: Digest, objects: list[Digest]) -> None:
         """Pin one image (prewarm --pin) with the objects it is made of."""
@@ -118,7 +119,8 @@ class Operations:
 
     async def unpin(self, repo: str, reference: str) -> list[dict[str, object]]:
         """Unpin the pins of `repo` named by `reference`; what other pins share stays pinned."""
-        removed = await self.pins.unpin(self.registry, repo, reference)
+        key = self.pin_key(repo, reference)
+        removed = await self.pins.unpin(key.registry, key.repo, reference)
         for entry in removed:
             log.info("unpinned %s: %d objects released, %d still pinned by other images", entry["pin"],
                      len(entry["released"]), len(entry["kept"]))

@@ -52,6 +52,7 @@ from mirror.upstream.budget import background
 if TYPE_CHECKING:
     from mirror.node import Node
     from mirror.ops.prewarm import Warmer
+    from mirror.upstream.registries import Registry
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Notifications:
         self._tags: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._again: dict[tuple[str, str], Digest] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._forward_queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue(maxsize=FORWARD_QUEUE)
+        self._forward_queue: asyncio.Queue[tuple[bytes, int, str]] = asyncio.Queue(maxsize=FORWARD_QUEUE)
         self._forwarder: asyncio.Task[None] | None = None
         self.forward_dropped = 0
 
@@ -116,26 +117,32 @@ class Notifications:
 
     # -- receiving ------------------------------------------------------------
 
-    def receive(self, body: bytes, hops: int = 0) -> dict[str, int]:
-        """Act on one envelope; returns counts of what was taken and ignored."""
+    def receive(self, body: bytes, hops: int = 0, registry: Registry | None = None) -> dict[str, int]:
+        """Act on one envelope; returns counts of what was taken and ignored.
+
+        `registry` is the one that sent it (`/admin/notify/<name>`): its
+        repositories are that registry's keys; None is the default upstream.
+        """
         events = parse_envelope(body)
         self.received += 1
         acted = ignored = 0
         for event in events:
-            if self._act(event):
+            if self._act(event, registry):
                 acted += 1
             else:
                 ignored += 1
         if self.forward_to and hops < MAX_HOPS:
-            self._forward(body, hops + 1)
+            self._forward(body, hops + 1, f"/{registry.prefix}" if registry and registry.prefix else "")
         return {"events": len(events), "acted": acted, "ignored": ignored}
 
-    def _act(self, event: dict[str, Any]) -> bool:
+    def _act(self, event: dict[str, Any], registry: Registry | None = None) -> bool:
         target = event.get("target")
         if not isinstance(target, dict):
             return False
         try:
             repo = RepositoryName.parse(str(target.get("repository", ""))).value
+            if registry is not None:
+                repo = RepositoryName.parse(registry.key(repo)).value
         except errors.RegistryError:
             return False
         action = event.get("action")
@@ -234,11 +241,11 @@ class Notifications:
 
     # -- forwarding -------------------------------------------------------------
 
-    def _forward(self, body: bytes, hops: int) -> None:
+    def _forward(self, body: bytes, hops: int, suffix: str = "") -> None:
         if self._forwarder is None:
             self._forwarder = asyncio.create_task(self._forward_loop(), name="notify-forward")
         try:
-            self._forward_queue.put_nowait((body, hops))
+            self._forward_queue.put_nowait((body, hops, suffix))  # suffix: the registry's endpoint
         except asyncio.QueueFull:
             self.forward_dropped += 1
             log.warning("notification forwarding queue full: envelope dropped (%d so far)",
@@ -251,8 +258,9 @@ class Notifications:
             headers["Authorization"] = f"Bearer {token}"
         async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT, trust_env=False, headers=headers) as client:
             while True:
-                body, hops = await self._forward_queue.get()
-                await asyncio.gather(*(self._forward_one(client, url, body, hops) for url in self.forward_to))
+                body, hops, suffix = await self._forward_queue.get()
+                await asyncio.gather(*(self._forward_one(client, url.rstrip("/") + suffix, body, hops)
+                                       for url in self.forward_to))
 
     async def _forward_one(self, client: httpx.AsyncClient, url: str, body: bytes, hops: int) -> None:
         for attempt in range(FORWARD_ATTEMPTS):

@@ -48,6 +48,7 @@ from mirror.upstream.credential import Credential
 if TYPE_CHECKING:
     from mirror.node import Node
     from mirror.proxy.manifests import ManifestResult
+    from mirror.upstream.registries import Registries
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,15 @@ class ImageRef:
         return str(self.digest) if self.digest is not None else str(self.tag)
 
 
-def parse_image(text: str, namespaces: frozenset[str] = frozenset()) -> ImageRef:
+def parse_image(text: str, namespaces: frozenset[str] = frozenset(),
+                registries: Registries | None = None) -> ImageRef:
     """`[host/]repo[:tag][@digest]` as docker writes it; the tag defaults to `latest`.
 
     A leading registry host is accepted only when it names this node's
-    upstream (`namespaces`); a one-component name on Docker Hub gets its
-    `library/` prefix, as docker adds it.
+    upstream (`namespaces`) or another of its `registries` (`ghcr.io/org/app`:
+    the repository is then keyed `<prefix>/org/app`, see
+    :mod:`mirror.upstream.registries`); a one-component name on Docker Hub
+    gets its `library/` prefix, as docker adds it.
 
     Raises:
         NameInvalid, TagInvalid, DigestInvalid: the reference is malformed.
@@ -103,7 +107,11 @@ def parse_image(text: str, namespaces: frozenset[str] = frozenset()) -> ImageRef
         rest, tag = rest[:colon], rest[colon + 1:]
         Tag.parse(tag)
     first, sep, remainder = rest.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
+    other = registries.named(first) if registries is not None and sep else None
+    if other is not None and other.prefix is not None and first.lower() not in namespaces:
+        RepositoryName.parse(remainder)
+        rest, namespaces = other.key(remainder), frozenset()
+    elif sep and ("." in first or ":" in first or first == "localhost"):
         if first.lower() not in namespaces:
             raise errors.NameInvalid(f"{text!r} names registry {first!r}, not this mirror's upstream")
         rest = remainder
@@ -287,7 +295,7 @@ class Warmer:
         Raises:
             RegistryError: an image reference or the platform is malformed.
         """
-        refs = [parse_image(text, self.node.namespaces) for text in images]
+        refs = [parse_image(text, self.node.namespaces, self.node.upstream) for text in images]
         try:
             platforms = parse_platforms(platform)
         except ValueError as exc:
@@ -313,7 +321,7 @@ class Warmer:
             job.bytes_total = job.bytes_completed = 0
             job.errors, job.resolved = [], []
             try:
-                refs = [parse_image(text, self.node.namespaces) for text in job.images]
+                refs = [parse_image(text, self.node.namespaces, self.node.upstream) for text in job.images]
                 platforms = parse_platforms(job.platform)
             except (errors.RegistryError, ValueError) as exc:
                 job.error("*", f"cannot resume: {exc}")

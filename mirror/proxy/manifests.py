@@ -80,6 +80,9 @@ class Manifests:
         self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
         self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
         self.metrics: Metrics | None = None
+        #: (tag_ttl, tag_max_stale) of the registry owning a repository (mirror.upstreams overrides)
+        self.tag_policy: Callable[[str], tuple[float, float]] = lambda _repo: (self.tag_ttl,
+                                                                                 self.tag_max_stale)
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -191,7 +194,7 @@ class Manifests:
                                                  lambda: self._fetch_tag(repo, tag, credential)),
                                 self.wait_bound)
         cache = "hit"
-        if time.time() - record.fetched_at >= self.tag_ttl:
+        if time.time() - record.fetched_at >= self.tag_policy(repo)[0]:
             record, cache = await self._revalidated(repo, tag, record, credential)
         result = await self._load(repo, record.digest)
         if result is None:  # evicted or corrupt: refetch by the immutable digest
@@ -218,7 +221,7 @@ class Manifests:
         Returns:
             The record to serve, and the cache outcome (`revalidated`/`stale`).
         """
-        stale_ok = time.time() - record.fetched_at <= self.tag_ttl + self.tag_max_stale
+        stale_ok = time.time() - record.fetched_at <= sum(self.tag_policy(repo))
         try:
             revalidated = await self._refreshes.run(
                 ("head", repo, tag), lambda: self._revalidate(repo, tag, record, credential),

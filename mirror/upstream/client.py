@@ -124,6 +124,7 @@ class Upstream:
                  settings: object, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = remote_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc
+        self.label = self.host.lower()  # the metrics' `upstream` label (a mirror.upstreams prefix)
         self.retries = int(getattr(settings, "retries", 3))
         self.read_timeout = float(getattr(settings, "read_timeout", 60.0))  # bounds a client's wait
         timeout = httpx.Timeout(
@@ -163,6 +164,7 @@ class Upstream:
             started = response.request.extensions.get("mirror_started")
             method = response.request.method
             metrics.upstream_requests.labels(method, str(response.status_code)).inc()
+            metrics.registry_requests.labels(self.label, method, str(response.status_code)).inc()
             if started is not None:
                 metrics.upstream_seconds.labels(method).observe(time.perf_counter() - started)
             if response.status_code >= 500 or response.status_code == 429:
