@@ -131,7 +131,7 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     upstream = open_registries(settings, transport)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
     negative = NegativeCache(mirror.negative_ttl)
-    blobs = Blobs(store, metadata, upstream, executor, negative, retries=mirror.upstream.retries)
+    blobs = Blobs(store, metadata, upstream, executor, negative)
     manifests = Manifests(store, metadata, upstream, executor, negative, tag_ttl=mirror.tag_ttl,
                           tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
     manifests.tag_policy = upstream.tag_policy  # per registry (mirror.upstreams[].tag_ttl)

@@ -44,6 +44,8 @@ CASES = {
     "R-REG-03": "a digest cached from registry B asked under registry A's repository of the same name: "
                 "served only when A's upstream confirms A holds it (404 BLOB_UNKNOWN otherwise); a layer "
                 "both hold is stored once",
+    "R-REG-04": "a registry that accepts and never answers, with its own upstream.read_timeout 1s while "
+                "the default's is 60 s: its client gets 503 UNAVAILABLE after about 1 s, never 60 s",
 }
 
 
@@ -557,3 +559,26 @@ async def test_tag_ttl_and_stale_serving_are_per_registry(make_mirror, relay_a, 
     assert fresh.status_code == 200 and fresh.content == pushed["a"].manifest
     assert int(fresh.headers["Cache-Control"].split("=")[1]) > 3000
     assert node.node.metrics.registry.get_sample_value("mirror_stale_tags_served_total") == 1
+
+
+@pytest.mark.parametrize("case_id", ["R-REG-04"])
+async def test_a_registrys_own_read_timeout_bounds_its_clients_wait(case_id, make_mirror, relay_a, registry_b,
+                                                                    tmp_path, pushed) -> None:
+    """B's `upstream.read_timeout: 1s` bounds a wait on B, though the default's read_timeout is 60 s."""
+    from tests.support import faults
+
+    root = tmp_path / "stall"
+    root.mkdir()
+    with faults.FaultRelay(registry_b.url) as stalled_b:
+        config = mirror_config(root, relay_a.url, names=[A_NAME])
+        config["mirror"]["upstreams"] = [{"names": [B_NAME], "remoteurl": stalled_b.url,
+                                          "upstream": {"read_timeout": "1s", "retries": 1}}]
+        node = await make_mirror(relay_a.url, config=config)
+        stalled_b.inject(faults.hang(), path="/blobs/", times=None)
+        started = asyncio.get_running_loop().time()
+        async with node.client() as client:
+            blob = await client.get(f"/v2/{B_NAME}/{REPO}/blobs/{pushed['b'].layer_digests[0]}")
+        waited = asyncio.get_running_loop().time() - started
+        stalled_b.clear()
+    assert blob.status_code == 503 and blob.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert waited < 20, waited  # B's 1 s (plus margin for a loaded machine), never the default's 60 s

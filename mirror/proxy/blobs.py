@@ -46,14 +46,17 @@ class Blobs:
     """
 
     def __init__(self, store: BlobStore, metadata: Metadata, upstream: Upstream,
-                 executor: ThreadPoolExecutor, negative: NegativeCache, retries: int = 3) -> None:
+                 executor: ThreadPoolExecutor, negative: NegativeCache) -> None:
         self.store = store
         self.metadata = metadata
-        self.fetcher = Fetcher(store, upstream, executor, self.on_commit, retries=retries)
+        self.fetcher = Fetcher(store, upstream, executor, self.on_commit)
         self.upstream = upstream
         self.executor = executor
         self.negative = negative
-        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
+
+    def _bound(self, repo: str) -> float:
+        """How long a client waits on the registry owning `repo` (its read_timeout); work goes on."""
+        return self.upstream.read_timeout_of(repo)
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -75,7 +78,7 @@ class Blobs:
         cache = "coalesced" if fetch is not None else "miss"
         fetch = self.fetcher.start(repo, digest, credential)  # joins (and offers the token)
         try:
-            size = await within(fetch.started(), self.wait_bound)  # the fetch goes on without us
+            size = await within(fetch.started(), self._bound(repo))  # the fetch goes on without us
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise
@@ -90,10 +93,10 @@ class Blobs:
                 return BlobSource(digest, size)
         fetch = self.fetcher.get(digest)
         if fetch is not None and fetch.repo == repo:
-            return BlobSource(digest, await within(fetch.started(), self.wait_bound), cache="coalesced")
+            return BlobSource(digest, await within(fetch.started(), self._bound(repo)), cache="coalesced")
         self.negative.check(("blob", repo, digest))
         try:
-            size = await within(self.upstream.head_blob(repo, digest, credential), self.wait_bound)
+            size = await within(self.upstream.head_blob(repo, digest, credential), self._bound(repo))
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise
@@ -124,7 +127,7 @@ class Blobs:
             return True
         self.negative.check(("blob", repo, digest))
         try:
-            await within(self.upstream.head_blob(repo, digest, credential), self.wait_bound)
+            await within(self.upstream.head_blob(repo, digest, credential), self._bound(repo))
         except NOT_FOUND as exc:
             self.negative.remember(("blob", repo, digest), exc)
             raise

@@ -164,16 +164,17 @@ class Fetcher:
         upstream: the registry they come from.
         executor: threads for file writes (never the event loop).
         on_commit: records metadata (size, link) once a blob is published.
-        retries: resumptions allowed after a broken stream.
+
+    A broken stream is resumed up to the owning registry's `retries` times,
+    and readers are cut after its `read_timeout` without progress.
     """
 
     def __init__(self, store: BlobStore, upstream: Upstream, executor: ThreadPoolExecutor,
-                 on_commit: OnCommit, retries: int = 3) -> None:
+                 on_commit: OnCommit) -> None:
         self.store = store
         self.upstream = upstream
         self.executor = executor
         self.on_commit = on_commit
-        self.retries = retries
         self.inflight: dict[Digest, BlobFetch] = {}
         self.metrics: Metrics | None = None
         self.quota: Quota | None = None  # admission, reservations, disk-full relay
@@ -191,7 +192,7 @@ class Fetcher:
         fetch = self.inflight.get(digest)
         if fetch is None:
             fetch = BlobFetch(digest, repo)
-            fetch.stall_timeout = self.upstream.read_timeout
+            fetch.stall_timeout = self.upstream.read_timeout_of(repo)  # the owning registry's
             fetch.offer(credential)
             self.inflight[digest] = fetch
             fetch.work, context = budget.context_for_task()
@@ -284,7 +285,7 @@ class Fetcher:
                          fetch.digest, fetch.written)
             except errors.Unavailable as exc:
                 delay = retry_delay(exc, attempt)  # upstream's Retry-After, else jittered backoff
-                if attempt >= self.retries or delay is None:
+                if attempt >= self.upstream.retries_of(fetch.repo) or delay is None:
                     raise
                 attempt += 1
                 log.warning("blob %s broke at %d bytes; resuming in %.1fs (attempt %d)",

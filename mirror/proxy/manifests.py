@@ -78,11 +78,14 @@ class Manifests:
         self.max_size = max_size
         self._flight: SingleFlight[Any] = SingleFlight()
         self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
-        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
         self.metrics: Metrics | None = None
         #: (tag_ttl, tag_max_stale) of the registry owning a repository (mirror.upstreams overrides)
         self.tag_policy: Callable[[str], tuple[float, float]] = lambda _repo: (self.tag_ttl,
                                                                                  self.tag_max_stale)
+
+    def _bound(self, repo: str) -> float:
+        """How long a client waits on the registry owning `repo` (its read_timeout); work goes on."""
+        return self.upstream.read_timeout_of(repo)
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -127,7 +130,7 @@ class Manifests:
         self.negative.check(("manifest", repo, digest))
         return await within(self._flight.run(("get", repo, str(digest)),
                                              lambda: self._fetch(repo, str(digest), credential)),
-                            self.wait_bound)
+                            self._bound(repo))
 
     async def _refuse_a_held_blob(self, digest: Digest) -> None:
         """A digest stored here as a blob (a layer, a config) is no manifest.
@@ -192,7 +195,7 @@ class Manifests:
             self.negative.check(("tag", repo, tag))
             return await within(self._flight.run(("tag", repo, tag),
                                                  lambda: self._fetch_tag(repo, tag, credential)),
-                                self.wait_bound)
+                                self._bound(repo))
         cache = "hit"
         if time.time() - record.fetched_at >= self.tag_policy(repo)[0]:
             record, cache = await self._revalidated(repo, tag, record, credential)
@@ -225,7 +228,7 @@ class Manifests:
         try:
             revalidated = await self._refreshes.run(
                 ("head", repo, tag), lambda: self._revalidate(repo, tag, record, credential),
-                fallback=stale_ok, patience=STALE_WAIT, bound=self.wait_bound)
+                fallback=stale_ok, patience=STALE_WAIT, bound=self._bound(repo))
             return revalidated, "revalidated"
         except (*TRANSIENT, TimeoutError) as exc:
             if not stale_ok:

@@ -27,7 +27,10 @@ class TagLists:
         self.upstream = upstream
         self.tag_ttl = tag_ttl
         self._refreshes: Refreshes[list[str]] = Refreshes()
-        self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
+
+    def _bound(self, repo: str) -> float:
+        """How long a client waits on the registry owning `repo` (its read_timeout); work goes on."""
+        return self.upstream.read_timeout_of(repo)
 
     async def list(self, repo: str, credential: Credential) -> list[str]:
         """Every tag of `repo`, sorted as distribution sorts them.
@@ -42,7 +45,7 @@ class TagLists:
         try:
             tags = await self._refreshes.run(repo, lambda: self._fetch(repo, credential),
                                              fallback=cached is not None, patience=STALE_WAIT,
-                                             bound=self.wait_bound)
+                                             bound=self._bound(repo))
         except (*TRANSIENT, TimeoutError):
             if cached is None:
                 raise

@@ -173,6 +173,14 @@ class Upstream:
         self._client.event_hooks = {"request": [on_request], "response": [on_response]}
         self.metrics = metrics
 
+    def read_timeout_of(self, repo: str) -> float:
+        """How long a client waits on this upstream for `repo` (one upstream: the same for all)."""
+        return self.read_timeout
+
+    def retries_of(self, repo: str) -> int:
+        """Resumptions of a broken blob stream for `repo` (one upstream: the same for all)."""
+        return self.retries
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self.health.close()

@@ -152,6 +152,14 @@ class Registries:
         registry, repo = self.owner(key)
         return registry.label, repo
 
+    def read_timeout_of(self, key: str) -> float:
+        """The `read_timeout` of the registry owning `key`: how long its clients wait on it."""
+        return self.owner(key)[0].client.read_timeout
+
+    def retries_of(self, key: str) -> int:
+        """The `retries` of the registry owning `key` (a broken blob stream's resumptions)."""
+        return self.owner(key)[0].client.retries
+
     def tag_policy(self, key: str) -> tuple[float, float]:
         """(tag_ttl, tag_max_stale) of the registry owning `key`."""
         registry = self.owner(key)[0]
