@@ -1,9 +1,11 @@
-"""``python -m bench.profile [--ref tag|digest] [--seconds N] [--py-spy OUT]``: the warm manifest path.
+"""``python -m bench.profile [--ref tag|digest|cold] [--seconds N] [--py-spy OUT]``: one path of the node.
 
 A development tool, not a figure: starts distribution as upstream and one
 node (``mirror serve``, log level warn), pushes a small image, warms its
 manifest, then loops GETs of it from 32 connections in 2 spawned processes
-and prints req/s and the node's CPU. With ``--py-spy OUT`` (``pip install
+and prints req/s and the node's CPU; ``--ref cold`` instead pulls
+``--images`` fresh 8 x 8 MiB images one after the other, directly from
+upstream and then through the node, and prints both times. With ``--py-spy OUT`` (``pip install
 py-spy``) the node is sampled for the whole window and a flame graph
 written to OUT (``.svg``; ``.json`` gives speedscope). ``--env K=V`` passes
 settings overrides (``REGISTRY_...``) to the node.
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from tests.support.registry import Registry
 
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
-    ap.add_argument("--ref", choices=("tag", "digest"), default="digest")
+    ap.add_argument("--ref", choices=("tag", "digest", "cold"), default="digest")
+    ap.add_argument("--images", type=int, default=3, help="cold pulls (--ref cold)")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--procs", type=int, default=2)
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 assert warm.status_code == 200, warm
                 return str(image.digest)
 
+        if args.ref == "cold":
+            return cold_pulls(args, upstream.url, base, node.pid)
         digest = asyncio.run(push())
         path = f"/v2/bench/profile/manifests/{'v1' if args.ref == 'tag' else digest}"
         assert node.pid is not None
@@ -109,6 +114,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm manifest by {args.ref}: {rps:.0f} req/s, node CPU {cpu * 100:.0f}% "
               f"({rps / max(cpu, 1e-9):.0f} req/s per core), load average {os.getloadavg()[0]:.2f}"
               + (f", errors {errors}" if errors else ""))
+    return 0
+
+
+def cold_pulls(args: argparse.Namespace, upstream: str, base: str, pid: int | None) -> int:
+    """Pull fresh images directly, then through the node; print the times (and profile the node)."""
+    from bench.load import job_pull
+    from tests.support.images import push_image
+
+    async def push_all() -> list[str]:
+        async with httpx.AsyncClient(trust_env=False, timeout=300) as client:
+            repos = []
+            for i in range(args.images):
+                repo = f"bench/cold-{i}-{time.time_ns()}"
+                await push_image(client, upstream, repo, "v1", layers=[8 << 20] * 8, seed=repo)
+                repos.append(repo)
+            return repos
+
+    repos = asyncio.run(push_all())
+    spy = None
+    if args.py_spy:
+        fmt = ["--format", "speedscope"] if args.py_spy.endswith(".json") else []
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "500", "-o", args.py_spy,
+                                *fmt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+    for repo in repos:
+        [direct] = run_jobs([(job_pull, (upstream, repo, "v1"), {})], timeout=300)
+        [mirrored] = run_jobs([(job_pull, (base, repo, "v1"), {})], timeout=300)
+        assert direct["ok"] and mirrored["ok"], (direct["errors"], mirrored["errors"])
+        print(f"cold pull {repo}: direct {direct['wall']:.3f} s, node {mirrored['wall']:.3f} s "
+              f"({mirrored['wall'] / direct['wall']:.2f}x)")
+    if spy is not None:
+        spy.send_signal(2)
+        spy.wait(timeout=60)
     return 0
 
 
