@@ -15,7 +15,8 @@ deleted manifest is never served from here by the process that deleted it.
 Another process sharing the store may delete objects behind this one's
 back; an entry is therefore trusted for `recheck` seconds (the tag TTL),
 after which the next request reads and re-hashes the stored file again
-(a file gone or rotten is then forgotten or quarantined as before).
+(a file gone or rotten is then forgotten or quarantined as before). The
+recheck runs on the wall clock, as the tag TTL does.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class HotManifests:
         entry = self._entries.get(digest)
         if entry is None:
             return None
-        if time.monotonic() - entry[1] >= self.recheck:
+        if time.time() - entry[1] >= self.recheck:
             self.discard(digest)
             return None
         self._entries.move_to_end(digest)
@@ -65,7 +66,7 @@ class HotManifests:
         if len(raw) > self.max_bytes // 4:  # one huge manifest must not flush the rest
             return
         self.discard(digest)
-        self._entries[digest] = (raw, time.monotonic())
+        self._entries[digest] = (raw, time.time())
         self.bytes += len(raw)
         while self.bytes > self.max_bytes:
             _, (old, _) = self._entries.popitem(last=False)
