@@ -5,12 +5,14 @@ node's memory with no store read, no metadata query and no upstream call;
 everything that deletes (purge, a notification's delete, quarantine of a
 rotten object, the tag TTL running out) is visible at the very next request;
 and the token check runs on every hit (a real token signed by the test CA,
-verified by the node as in production).
+verified by the node as in production). The access log around every hit
+builds nothing when INFO is off, and still counts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -238,3 +240,32 @@ def test_hot_manifests_are_bounded_by_bytes_and_rechecked(monkeypatch: pytest.Mo
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 11.0)
     assert hot.get(digests[5]) is None and len(hot) == 3  # due for a re-read of the stored file
+
+
+# --------------------------------------------------------------------------- a cheap access log
+
+
+async def test_access_log_builds_nothing_when_info_is_off_and_still_counts(mirror, caplog, monkeypatch) -> None:
+    from mirror.observe import accesslog
+
+    built: list[str] = []
+    monkeypatch.setattr(accesslog, "client_address", lambda *args: built.append("client") or "-")
+    monkeypatch.setattr(accesslog, "next_request_id", lambda: built.append("id") or "-")
+    caplog.set_level(logging.WARNING, logger="mirror.access")
+    async with mirror.client() as client:
+        for _ in range(3):
+            assert (await client.get("/v2/")).status_code == 200
+    assert built == [] and not [r for r in caplog.records if r.name == "mirror.access"]
+    registry = mirror.node.metrics.registry
+    assert registry.get_sample_value("mirror_http_requests_total",
+                                     {"route": "base", "method": "GET", "status": "200"}) == 3
+
+
+async def test_generated_request_ids_are_distinct_and_per_process(mirror, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="mirror.access")
+    async with mirror.client() as client:
+        for _ in range(3):
+            await client.get("/v2/")
+    ids = [r.fields["request_id"] for r in caplog.records if r.name == "mirror.access"]
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert len({i.split("-")[0] for i in ids}) == 1  # this process's prefix, then a counter
