@@ -118,6 +118,22 @@ async def test_tag_deleted_by_notification_is_asked_of_upstream(make_mirror, rel
     assert relay.count("GET", "/manifests/") == 2
 
 
+async def test_tag_pushed_upstream_is_seen_at_once_after_its_notification(make_mirror, relay, upstream,
+                                                                            upstream_client) -> None:
+    node = await make_mirror(relay.url, tag_ttl="1h")
+    repo = repo_name()
+    await cached(node, upstream, upstream_client, repo)
+    second = await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[2048])
+    notifications = node.node.ops.notifications
+    event = {"action": "push", "target": {"mediaType": DOCKER_SCHEMA2, "digest": second.digest,
+                                          "repository": repo, "tag": "v1", "size": len(second.manifest)}}
+    assert notifications.receive(json.dumps({"events": [event]}).encode())["acted"] == 1
+    await notifications.idle()
+    async with node.client(headers=ACCEPT) as client:
+        response = await client.get(f"/v2/{repo}/manifests/v1")
+    assert response.status_code == 200 and response.content == second.manifest  # well within the hour's TTL
+
+
 async def test_manifest_unlinked_by_notification_is_not_served_from_memory(make_mirror, relay, upstream,
                                                                           upstream_client) -> None:
     node = await make_mirror(relay.url)
