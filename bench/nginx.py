@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -116,15 +115,6 @@ class NginxCache:
 
     def close(self) -> None:
         self.process.stop()
-
-
-def available() -> bool:
-    """True when an nginx binary is installed."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    try:
-        return subprocess.run([binary, "-v"], capture_output=True, timeout=10, check=False).returncode == 0
-    except OSError:
-        return False
 
 
 def tree(pid: int) -> list[int]:
