@@ -162,7 +162,7 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
         return await stream_fetch(request, response, source.fetch, node.store, node.executor)
     finally:
         release()
-        if source.fetch.verified:  # hashed as it was written: its first stored serve needs no hash
+        if source.fetch.committed:  # hashed as it was written: its first stored serve needs no hash
             node.integrity.remember(digest)
 
 

@@ -59,7 +59,6 @@ class BlobFetch:
         self.written = 0
         self.began = time.monotonic()  # for the status page's rate
         self.committed = False
-        self.verified = False  # the digest checked: readers may have the tail before the fsync
         self.task: asyncio.Task[None] | None = None
         self.error: errors.RegistryError | None = None
         self.temp_path: str | None = None
@@ -126,7 +125,7 @@ class BlobFetch:
             limit = self._limit()
             if limit > offset:
                 return limit
-            if self.committed or self.verified:
+            if self.committed:
                 return limit
             await self._progress_or_stall()
 
@@ -148,7 +147,7 @@ class BlobFetch:
             await asyncio.wait_for(event.wait(), self.stall_timeout - idle)
 
     def _limit(self) -> int:
-        if self.committed or self.verified:
+        if self.committed:
             return self.written
         if self.size is None:
             return max(0, self.written - HOLD_BACK)
@@ -236,9 +235,6 @@ class Fetcher:
                 fetch.relay.verify(fetch.digest)
                 fetch.committed = True
                 return
-            await self._io(writer.verify)  # the tail goes out now; fsync and rename follow
-            fetch.verified = True
-            fetch._notify()
             await self._io(writer.commit)
             writer = None
             fetch.committed = True

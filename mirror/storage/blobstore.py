@@ -100,7 +100,11 @@ class BlobWriter:
                 temp file is removed and nothing is published.
         """
         try:
-            self.verify()
+            if self.expected_size is not None and self.written != self.expected_size:
+                raise DigestMismatch(f"{self.digest}: {self.written} bytes, expected {self.expected_size}")
+            if self.digest is None or self.digest.algorithm != self._hasher.name \
+                or self._hasher.hexdigest() != self.digest.hex:
+                raise DigestMismatch(f"{self.digest}: content has another digest")
             os.fsync(self._file.fileno())
             self._file.close()
             assert self.digest is not None  # checked above
@@ -108,21 +112,6 @@ class BlobWriter:
         except BaseException:
             self.abort()
             raise
-
-    def verify(self) -> None:
-        """Check size and digest of what was written (no fsync, nothing published).
-
-        Readers of the growing temp file may be given its last bytes once this
-        passed: they are the right bytes, whether or not the publish follows.
-
-        Raises:
-            DigestMismatch: the content is not what the digest names.
-        """
-        if self.expected_size is not None and self.written != self.expected_size:
-            raise DigestMismatch(f"{self.digest}: {self.written} bytes, expected {self.expected_size}")
-        if self.digest is None or self.digest.algorithm != self._hasher.name \
-                or self._hasher.hexdigest() != self.digest.hex:
-            raise DigestMismatch(f"{self.digest}: content has another digest")
 
     def abort(self) -> None:
         """Drop the temp file; safe to call twice."""
