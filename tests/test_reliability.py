@@ -100,7 +100,8 @@ CASES = {
     "R-DISK-03": "EIO storing a fetched manifest: a 503 (never a 500), nothing stored; recovers",
     "R-DISK-04": "a stored blob whose size changed (bit rot, truncation): not served, quarantined, "
                  "refetched and served correctly",
-    "R-DISK-05": "a stored manifest with a flipped byte: re-hashed on read, quarantined, refetched",
+    "R-DISK-05": "a stored manifest with a flipped byte: never served; re-hashed when read from disk, "
+                 "quarantined, refetched",
     "R-DISK-06": "the store's filesystem full (a manifest fill just failed with ENOSPC, on an 8 MiB "
                  "tmpfs) and upstream refusing: tags (fresh and stale), manifests by digest and blobs "
                  "already stored are still served; nothing stored is evicted for space it cannot win",
@@ -750,6 +751,10 @@ async def test_manifest_with_flipped_byte_is_refetched(make_mirror, faults, upst
         raw = bytearray(path.read_bytes())
         raw[10] ^= 0x01
         path.write_bytes(bytes(raw))
+        hot = await get(client, f"/v2/{image.repo}/manifests/{image.digest}")  # the verified copy in memory
+    assert hot.status == 200 and hot.body == image.manifest
+    await node.restart()  # memory gone (or its recheck due): the file is read and re-hashed
+    async with node.client(headers=ACCEPT) as client:
         got = await get(client, f"/v2/{image.repo}/manifests/{image.digest}")
     assert got.status == 200 and got.body == image.manifest
     assert faults.count("GET", "/manifests/") == 2

@@ -26,6 +26,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: llhttp quotes the refused line as a bytes literal on its own line.
 _PARSER_LINE = re.compile(r"^  (b'.*'|b\".*\")$", re.M)
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII stays; other bytes get %XX
+_NODE_CREDENTIAL = Credential.node()  # immutable: one for every request, not one built per request
 
 
 @web.middleware
@@ -162,7 +163,7 @@ def upstream_credential(client_header: str | None) -> Credential:
     trusts the same token service); otherwise (no auth, htpasswd, tokens
     upstream does not trust) the node fetches with its own account.
     """
-    return Credential.client(client_header) if client_header else Credential.node()
+    return Credential.client(client_header) if client_header else _NODE_CREDENTIAL
 
 
 def _check_namespace(request: web.Request) -> None:

@@ -8,27 +8,37 @@ are logged without values that could be credentials, and neither
 
 from __future__ import annotations
 
+import itertools
 import logging
-import secrets
+import os
 import time
 from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from mirror.api.external import client_address
 from mirror.api.handlers import CACHE_OUTCOME, NODE, ROUTE_NAME
+from mirror.observe.metrics import Metrics
 
 log = logging.getLogger("mirror.access")
 REQUEST_ID = "X-Request-Id"
+#: Generated request ids: this process's random prefix and a counter, unique
+#: across processes and restarts without a call into the OS per request.
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def next_request_id() -> str:
+    """A request id for a request that brought none (`<process prefix>-<counter>`)."""
+    return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
 @web.middleware
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time the request, then log it and count it, whatever happened."""
     started = time.perf_counter()
-    request_id = request.headers.get(REQUEST_ID, "")[:64] or secrets.token_hex(8)
+    request_id = request.headers.get(REQUEST_ID, "")[:64]
     status = 500
     response: web.StreamResponse | None = None
     try:
@@ -54,22 +64,31 @@ def _record(request: web.Request, status: int, size: int, duration: float, reque
     node = request.app.get(NODE)
     route = request.get(ROUTE_NAME, "other")  # parsed once, by dispatch
     cache = request.get(CACHE_OUTCOME, "-")
-    trusted = node.settings.mirror.trusted_proxies if node else ()
     if node is not None:
-        metrics = node.metrics
-        metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.request_seconds.labels(route).observe(duration)
-        if cache != "-" and route in ("manifest", "blob"):
-            metrics.cache.labels(route, cache).inc()
-        if route in ("manifest", "blob") and status < 300:
-            metrics.bytes_served.labels(route).inc(size)
-            if route == "blob" and cache == "hit":
-                metrics.bytes_saved.inc(size)
+        _count(node.metrics, route, request.method, status, cache, size, duration)
+    if not log.isEnabledFor(logging.INFO):  # the common production level: build nothing
+        return
+    trusted = node.settings.mirror.trusted_proxies if node else ()
+    request_id = request_id or next_request_id()
+    client = client_address(request, trusted)
+    path = request.rel_url.path
     log.info(
         '%s %s %s %d %d %.3fs cache=%s id=%s',
-        client_address(request, trusted), request.method, request.rel_url.path, status, size, duration,
-        cache, request_id,
-        extra={"fields": {"method": request.method, "path": request.rel_url.path, "status": status,
+        client, request.method, path, status, size, duration, cache, request_id,
+        extra={"fields": {"method": request.method, "path": path, "status": status,
                           "bytes": size, "duration": round(duration, 6), "cache": cache,
-                          "request_id": request_id, "client": client_address(request, trusted)}},
+                          "request_id": request_id, "client": client}},
     )
+
+
+def _count(metrics: Metrics, route: str, method: str, status: int, cache: str, size: int,
+           duration: float) -> None:
+    metrics.child("requests", route, method, str(status)).inc()
+    metrics.child("request_seconds", route).observe(duration)
+    if route in ("manifest", "blob"):
+        if cache != "-":
+            metrics.child("cache", route, cache).inc()
+        if status < 300:
+            metrics.child("bytes_served", route).inc(size)
+            if route == "blob" and cache == "hit":
+                metrics.bytes_saved.inc(size)

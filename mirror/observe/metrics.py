@@ -19,6 +19,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, ...], Any] = {}
         r = self.registry
         self.requests = Counter("mirror_http_requests", "API requests by route, method and status",
                                 ["route", "method", "status"], registry=r)
@@ -76,6 +77,18 @@ class Metrics:
         self.offline_tokens = Counter("mirror_offline_tokens_issued",
                                       "Tokens the node signed itself while the auth service was unreachable",
                                       registry=r)
+
+    def child(self, family: str, *labels: str) -> Any:
+        """`self.<family>.labels(*labels)`, bound once per label set.
+
+        `labels()` validates and looks up under a lock on every call; on the
+        hot path (every request's counters) that shows in a profile.
+        """
+        key = (family, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = getattr(self, family).labels(*labels)
+        return found
 
     def track_inflight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from the fetcher at scrape time."""

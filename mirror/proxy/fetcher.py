@@ -41,6 +41,7 @@ from mirror.storage.quota import Quota, RelayBuffer
 from mirror.upstream import budget
 from mirror.upstream.client import MIN_BYTES_PER_WINDOW, Upstream, retry_delay
 from mirror.upstream.credential import Credential
+from mirror.upstream.reads import use_large_reads
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class Fetcher:
         self.metrics: Metrics | None = None
         self.quota: Quota | None = None  # admission, reservations, disk-full relay
         self._tasks: set[asyncio.Task[None]] = set()
+        use_large_reads()  # blob bodies in pieces of up to 1 MiB, not httpcore's 64 KiB
 
     def get(self, digest: Digest) -> BlobFetch | None:
         """The in-flight fetch of `digest`, if any (an on-demand caller promotes it)."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from mirror import errors
 from mirror.observe.metrics import Metrics
+from mirror.proxy.hot import HotManifests
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
 from mirror.proxy.waits import Refreshes, within
@@ -79,6 +80,7 @@ class Manifests:
         self._flight: SingleFlight[Any] = SingleFlight()
         self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
         self.metrics: Metrics | None = None
+        self.hot = HotManifests(recheck=tag_ttl)  # verified bytes: a warm hit needs no thread hop
         #: (tag_ttl, tag_max_stale) of the registry owning a repository (mirror.upstreams overrides)
         self.tag_policy: Callable[[str], tuple[float, float]] = lambda _repo: (self.tag_ttl,
                                                                                  self.tag_max_stale)
@@ -150,13 +152,29 @@ class Manifests:
             raise errors.ManifestUnknown(detail={"digest": str(digest)})
 
     async def _load(self, repo: str, digest: Digest, *, linked_only: bool = True) -> ManifestResult | None:
-        """Read a stored manifest, re-hashing it on every read (bit rot)."""
+        """A stored manifest: from memory while hot, else read and re-hashed (bit rot).
+
+        The metadata is asked first either way (its in-process maps answer a
+        warm lookup without a thread hop), so whatever this process forgot,
+        unlinked or quarantined is never answered from memory.
+        """
         record = await self.metadata.get_object(digest)
         if record is None or record.media_type is None:
+            self.hot.discard(digest)
             return None
         if linked_only and not await self.metadata.is_linked(repo, digest):
             return None
-        raw = await self._io(self.store.read, digest, record.size)
+        raw = self.hot.get(digest)
+        if raw is None:
+            raw = await self._read_verified(digest, record.size)
+            if raw is None:
+                return None
+        self.metadata.touch(digest)
+        return ManifestResult(raw, record.media_type, digest)
+
+    async def _read_verified(self, digest: Digest, size: int) -> bytes | None:
+        """The stored bytes if they hash to `digest` (kept hot), else forgotten/quarantined."""
+        raw = await self._io(self.store.read, digest, size)
         if raw is None:
             await self.metadata.forget_object(digest)
             return None
@@ -165,8 +183,8 @@ class Manifests:
             await self._io(self.store.quarantine, digest)
             await self.metadata.forget_object(digest)
             return None
-        self.metadata.touch(digest)
-        return ManifestResult(raw, record.media_type, digest)
+        self.hot.put(digest, raw)
+        return raw
 
     async def _fetch(self, repo: str, reference: str, credential: Credential) -> ManifestResult:
         """GET from upstream, store, link; 404s remembered briefly."""
@@ -185,6 +203,7 @@ class Manifests:
             await self._io(self.store.put_bytes, digest, raw)
         await self.metadata.put_object(digest, len(raw), media_type)
         await self.metadata.link(repo, digest)
+        self.hot.put(digest, raw)  # `raw` hashed to `digest` upstream-side (fetch) or by the writer
 
     # -- by tag -------------------------------------------------------------
 
