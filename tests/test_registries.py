@@ -410,6 +410,11 @@ async def test_upstream_requests_are_counted_per_registry(node, relay_a, relay_b
             counted[key] = counted.get(key, 0) + float(value)
     assert counted[(B_NAME, "GET")] == relay_b.count("GET", "/manifests/")
     assert counted[(relay_a.host, "GET")] == relay_a.count("GET", "/manifests/")
+    sample = node.node.metrics.registry.get_sample_value
+    miss, hit = {"kind": "manifest", "outcome": "miss"}, {"kind": "manifest", "outcome": "hit"}
+    assert sample("mirror_registry_cache_requests_total", {"upstream": B_NAME, **miss}) == 1  # by tag
+    assert sample("mirror_registry_cache_requests_total", {"upstream": B_NAME, **hit}) == 1  # by digest
+    assert sample("mirror_registry_cache_requests_total", {"upstream": relay_a.host, **miss}) == 1
 
 
 # --------------------------------------------------------------------------- auth

@@ -34,6 +34,8 @@ ROUTE_NAME: web.RequestKey[str] = web.RequestKey("route", str)
 UPSTREAM_CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("upstream_credential", Credential)
 #: The repository name as the client wrote it, when routing keyed it otherwise (`?ns=`, a prefix).
 CLIENT_NAME: web.RequestKey[str] = web.RequestKey("client_name", str)
+#: The registry a repository request belongs to, as metrics label it (`upstream`).
+REGISTRY_LABEL: web.RequestKey[str] = web.RequestKey("registry_label", str)
 MAX_PAGE = 10_000
 BLOB_CACHE_CONTROL = "max-age=31536000"
 

@@ -120,6 +120,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if request.query.get("from"):
         RepositoryName.parse(request.query["from"])
     route, registry_of_name = _keyed(request, route)
+    if registry_of_name is not None:
+        request[handlers.REGISTRY_LABEL] = registry_of_name.label
     required = required_access(route, request.method, request.query.get("from"))
     client_header = await node.access.authorize(request, required)
     if (registry_of_name is not None and registry_of_name.prefix is not None

@@ -13,10 +13,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from mirror.api.external import client_address
-from mirror.api.handlers import CACHE_OUTCOME, NODE, ROUTE_NAME
+from mirror.api.handlers import CACHE_OUTCOME, NODE, REGISTRY_LABEL, ROUTE_NAME
 from mirror.observe.metrics import Metrics
 
 log = logging.getLogger("mirror.access")
@@ -66,6 +67,8 @@ def _record(request: web.Request, status: int, size: int, duration: float, reque
     cache = request.get(CACHE_OUTCOME, "-")
     if node is not None:
         _count(node.metrics, route, request.method, status, cache, size, duration)
+        if cache != "-" and route in ("manifest", "blob"):
+            node.metrics.child("registry_cache", request.get(REGISTRY_LABEL, "-"), route, cache).inc()
     if not log.isEnabledFor(logging.INFO):  # the common production level: build nothing
         return
     trusted = node.settings.mirror.trusted_proxies if node else ()

@@ -74,6 +74,10 @@ class Metrics:
                                          "Requests sent upstream, by registry (proxy.remoteurl's host, "
                                          "or a mirror.upstreams prefix)", ["upstream", "method", "status"],
                                          registry=r)
+        self.registry_cache = Counter("mirror_registry_cache_requests",
+                                      "Cache outcomes by registry (proxy.remoteurl's host, or a "
+                                      "mirror.upstreams prefix) and kind", ["upstream", "kind", "outcome"],
+                                      registry=r)
         self.offline_tokens = Counter("mirror_offline_tokens_issued",
                                       "Tokens the node signed itself while the auth service was unreachable",
                                       registry=r)
