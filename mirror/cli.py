@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -44,16 +45,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    return serve_forever(settings)
+    return serve_forever(settings, args.config)
 
 
-def serve_forever(settings: Settings) -> int:
-    """Run the node (and its debug listener) until SIGINT/SIGTERM."""
+def serve_forever(settings: Settings, config: str | None = None) -> int:
+    """Run the node (and its debug listener) until SIGINT/SIGTERM.
+
+    With `mirror.workers` above 1 this process supervises the workers
+    (:mod:`mirror.workers`), each of which loads `config` again.
+    """
+    from mirror.workers import Supervisor, current_role, die_with_parent, worker_count
+
     setup_logging(settings.log.level, settings.log.formatter)
     _raise_nofile_limit()
-    if settings.ignored_keys:
+    role = current_role()
+    if role is None and worker_count(settings) > 1:
+        try:
+            return Supervisor(settings, config, worker_count(settings), FLUSH_BUDGET).run()
+        except OSError as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return 2
+    if role is not None:
+        die_with_parent()
+    if settings.ignored_keys and (role is None or role.leader):
         log.warning("config keys accepted but not used by mirror: %s", ", ".join(settings.ignored_keys))
-    if settings.unknown_keys:
+    if settings.unknown_keys and (role is None or role.leader):
         log.warning("unknown config keys ignored: %s", ", ".join(settings.unknown_keys))
     try:
         asyncio.run(_serve(settings))
@@ -68,7 +84,9 @@ async def _serve(settings: Settings) -> None:
     from mirror.api.handlers import NODE
     from mirror.api.server import CLEANUP_TIMEOUT, CUT_WAIT, MirrorRunner, drain, warn_if_unguarded
     from mirror.app import create_app
+    from mirror.workers import current_role
 
+    role = current_role()
     warn_if_unguarded()
     app = create_app(settings)
     # request-header timeout, 75 s keep-alive; drain() bounds the shutdown
@@ -77,10 +95,15 @@ async def _serve(settings: Settings) -> None:
     debug: web.AppRunner | None = None
     try:
         host, port = settings.http.bind
-        await web.TCPSite(runner, host, port, ssl_context=_tls(settings)).start()
-        log.info("mirror %s serving on %s:%d, upstream %s, store %s", __version__, host, port,
+        if role is None:
+            await web.TCPSite(runner, host, port, ssl_context=_tls(settings)).start()
+        else:  # the supervisor's socket, shared by every worker
+            listener = socket.socket(fileno=role.fd)
+            await web.SockSite(runner, listener, ssl_context=_tls(settings)).start()
+        log.info("mirror %s %sserving on %s:%d, upstream %s, store %s", __version__,
+                 "" if role is None else f"worker {role.index} (pid {os.getpid()}) ", host, port,
                  settings.proxy.remoteurl, settings.storage.root)
-        if settings.http.debug_bind is not None:
+        if settings.http.debug_bind is not None and (role is None or role.leader):
             debug = web.AppRunner(create_debug_app(app[NODE]), access_log=None, shutdown_timeout=CUT_WAIT)
             await debug.setup()
             await web.TCPSite(debug, *settings.http.debug_bind).start()

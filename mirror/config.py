@@ -60,6 +60,7 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       scrub: {interval: 168h}  # re-hash the whole store once per interval, paced; 0 = off
       shutdown_grace: 20s   # on SIGTERM, requests in flight get this long, then are cut
       names: []             # other registry names meaning this upstream (containerd's ?ns=)
+      workers: 1            # processes serving http.addr over one store; auto = the CPUs available
 
 Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
 Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
@@ -246,6 +247,13 @@ def _positive_int(value: Any, key: str) -> int:
     if number <= 0:
         raise ConfigError(key, f"must be greater than zero, got {value!r}")
     return number
+
+
+def _workers(value: Any, key: str) -> int:
+    """`mirror.workers`: a count of processes, or "auto" (0: the CPUs this process may use)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    return _positive_int(value, key)
 
 
 def _boolean(value: Any, key: str) -> bool:
@@ -533,6 +541,7 @@ class MirrorSettings:
     scrub: ScrubSettings = field(default_factory=ScrubSettings)
     shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
     names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
+    workers: int = 1  # worker processes serving http.addr; 0 ("auto") = the CPUs available
 
 
 @dataclass(frozen=True, slots=True)
@@ -664,6 +673,7 @@ _MIRROR_FIELDS = {
     "manifest_max_size": _positive_size,
     "shutdown_grace": parse_duration,
     "names": _registry_names,
+    "workers": _workers,
 }
 _TOKEN_FIELDS = {
     "realm": _string,

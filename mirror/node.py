@@ -16,6 +16,7 @@ from mirror.proxy.blobs import Blobs
 from mirror.proxy.fetcher import Fetcher
 from mirror.proxy.manifests import Manifests
 from mirror.proxy.negative import NegativeCache
+from mirror.proxy.taglocks import TagLocks
 from mirror.proxy.tags import TagLists
 from mirror.proxy.uploads import Uploads
 from mirror.storage.blobstore import BlobStore
@@ -23,6 +24,7 @@ from mirror.storage.metadata import Metadata
 from mirror.storage.quota import Quota
 from mirror.storage.scrub import Integrity, Scrubber
 from mirror.upstream.client import Upstream
+from mirror.workers import current_role, is_leader
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +121,21 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     manifests.metrics = metrics
     quota = Quota(settings, store, metadata, executor, metrics, blobs.fetcher)
     blobs.fetcher.quota = quota
-    await quota.start()  # usage, space reserve; flushes access times, repairs metadata in the background
+    leader = is_leader()  # one process of the node runs the single-instance services (mirror.workers)
+    blobs.fetcher.shared = current_role() is not None
+    if blobs.fetcher.shared:
+        manifests.tag_locks = TagLocks(settings.metadata_dir / "locks")
+    await quota.start(housekeeping=leader)  # usage, reserve; the leader flushes, repairs, evicts
     node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
                 access, metrics, Uploads(store, executor))
     node.quota = quota
     node.integrity = Integrity(store, metadata, executor, metrics)
     node.scrubber = Scrubber(store, node.integrity, metrics, mirror.scrub.interval,
                              busy=lambda: node.integrity.busy or bool(blobs.fetcher.inflight))
-    node.scrubber.start()
+    if leader:
+        node.scrubber.start()
     node.ops = Operations(node)
-    node.ops.start()
+    node.ops.start(leader=leader)
     return node
 
 

@@ -56,9 +56,17 @@ class Operations:
         self.keep_fresh = KeepFresh(self.popularity, prefetch.keep_fresh, prefetch.interval,
                                     self.warmer.refresh_tag)
 
-    def start(self) -> None:
-        """Start the background loops (inside the running event loop)."""
+    def start(self, leader: bool = True) -> None:
+        """Start the background loops (inside the running event loop).
+
+        Args:
+            leader: this process runs the node's single-instance loops (resumed
+                prewarm jobs, event delivery, keep-fresh); other workers only
+                queue their pull events on disk for it.
+        """
         self.popularity.load()
+        if not leader:
+            return
         self.warmer.resume()
         self.events.start()
         self.keep_fresh.start()

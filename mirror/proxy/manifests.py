@@ -32,6 +32,7 @@ from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
+from mirror.proxy.taglocks import TagLocks
 from mirror.proxy.waits import Refreshes, within
 from mirror.registry import manifest as manifests
 from mirror.registry import mediatypes
@@ -80,6 +81,7 @@ class Manifests:
         self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
         self.wait_bound: float | None = upstream.read_timeout  # a client's wait on upstream
         self.metrics: Metrics | None = None
+        self.tag_locks: TagLocks | None = None  # set when worker processes share the metadata
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -234,6 +236,16 @@ class Manifests:
 
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,
                           credential: Credential) -> TagRecord:
+        if self.tag_locks is None:
+            return await self._revalidate_now(repo, tag, record, credential)
+        async with self.tag_locks.hold(repo, tag):  # one HEAD per tag per expiry per node
+            stored = await self.metadata.reload_tag(repo, tag)
+            if stored is not None and time.time() - stored.fetched_at < self.tag_ttl:
+                return stored  # another worker revalidated it meanwhile
+            return await self._revalidate_now(repo, tag, stored or record, credential)
+
+    async def _revalidate_now(self, repo: str, tag: str, record: TagRecord,
+                              credential: Credential) -> TagRecord:
         try:
             head = await self.upstream.head_manifest(repo, tag, credential)
             confirmed = time.time() - head.age
