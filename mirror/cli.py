@@ -84,6 +84,7 @@ async def _serve(settings: Settings) -> None:
     from mirror.api.handlers import NODE
     from mirror.api.server import CLEANUP_TIMEOUT, CUT_WAIT, MirrorRunner, drain, warn_if_unguarded
     from mirror.app import create_app
+    from mirror.observe.nodetotals import publish, publish_forever
     from mirror.workers import current_role
 
     role = current_role()
@@ -93,6 +94,7 @@ async def _serve(settings: Settings) -> None:
     runner = MirrorRunner(app, access_log=None, shutdown_timeout=CLEANUP_TIMEOUT)
     await runner.setup()
     debug: web.AppRunner | None = None
+    publisher: asyncio.Task[None] | None = None
     try:
         host, port = settings.http.bind
         if role is None:
@@ -108,11 +110,17 @@ async def _serve(settings: Settings) -> None:
             await debug.setup()
             await web.TCPSite(debug, *settings.http.debug_bind).start()
             log.info("debug listener on %s:%d", *settings.http.debug_bind)
+        if role is not None and not role.leader:  # the leader's /metrics adds this worker's figures
+            publisher = asyncio.create_task(
+                publish_forever(app[NODE].metrics.registry, settings.metadata_dir, role.index))
         await _until_signalled()
         grace = settings.mirror.shutdown_grace
         _exit_after(grace + FLUSH_BUDGET)
         app[NODE].draining = True  # readiness answers 503 from now on
         await drain(runner, grace)  # the debug listener still answers meanwhile
+        if publisher is not None:
+            publisher.cancel()
+            await asyncio.to_thread(publish, app[NODE].metrics.registry, settings.metadata_dir, role.index)
     finally:
         if debug is not None:
             await debug.cleanup()

@@ -24,7 +24,7 @@ from mirror.storage.metadata import Metadata
 from mirror.storage.quota import Quota
 from mirror.storage.scrub import Integrity, Scrubber
 from mirror.upstream.client import Upstream
-from mirror.workers import current_role, is_leader
+from mirror.workers import current_role, is_leader, link_share, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")
     await metadata.open()
     mirror = settings.mirror
+    link = link_share(mirror.upstream, worker_count(settings)) if current_role() else mirror.upstream
     upstream = Upstream(settings.proxy.remoteurl, settings.proxy.username, settings.proxy.password,
-                        mirror.upstream, transport=transport)  # type: ignore[arg-type]
+                        link, transport=transport)  # type: ignore[arg-type]
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
     negative = NegativeCache(mirror.negative_ttl)
     blobs = Blobs(store, metadata, upstream, executor, negative, retries=mirror.upstream.retries)
@@ -135,7 +136,7 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     if leader:
         node.scrubber.start()
     node.ops = Operations(node)
-    node.ops.start(leader=leader)
+    node.ops.start(leader=leader, shared=blobs.fetcher.shared)
     return node
 
 

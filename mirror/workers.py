@@ -85,6 +85,21 @@ def worker_count(settings: Settings) -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def link_share(upstream: Any, count: int) -> Any:
+    """One worker's part of the node's link budget (`mirror.upstream` settings).
+
+    `max_concurrency` and `max_bandwidth` are per node: each of `count`
+    workers gets an equal static share (at least one request, one byte/s).
+    """
+    from dataclasses import replace
+
+    if count <= 1:
+        return upstream
+    concurrency = max(1, upstream.max_concurrency // count) if upstream.max_concurrency else 0
+    bandwidth = max(1, upstream.max_bandwidth // count) if upstream.max_bandwidth else 0
+    return replace(upstream, max_concurrency=concurrency, max_bandwidth=bandwidth)
+
+
 def die_with_parent() -> None:
     """Ask the kernel to SIGTERM this worker when its supervisor dies (Linux)."""
     with contextlib.suppress(Exception):
@@ -119,6 +134,9 @@ class Supervisor:
     def run(self) -> int:
         """Serve until signalled (0) or until workers keep crashing (1)."""
         self._sock = self._bind()
+        from mirror.observe.nodetotals import clear
+
+        clear(self.settings.metadata_dir)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hangup)

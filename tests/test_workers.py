@@ -19,10 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.support import images
 from tests.support import faults as F
-from tests.support.faults import FaultRelay, NodeProcess, check_store
+from tests.support.faults import FaultRelay, NodeProcess, check_store, free_port
 from tests.support.images import DOCKER_SCHEMA2
 
 MiB = 1 << 20
@@ -42,6 +43,10 @@ CASES = {
                "short (none gets a complete wrong body), nothing is published, the next pull succeeds",
     "R-WK-09": "a tag's TTL runs out while 32 clients of a 4-worker node ask for it: one HEAD upstream "
                "for the node, every client gets the manifest",
+    "R-WK-10": "/metrics on the leader's debug listener shows node totals: the requests every worker "
+               "served, counted once each",
+    "R-WK-11": "pulls by tag served by every worker count once each in the leader's popularity "
+               "(`/admin/top`), handed over through the on-disk queue",
     "R-WK-08": "pull-through smoke with 1 and 8 workers: an image's manifest and layers, every blob "
                "fetched upstream once",
 }
@@ -59,9 +64,13 @@ def faults(upstream: Any) -> Any:
         yield link
 
 
-def start_node(root: Path, faults: FaultRelay, workers: int, **mirror: Any) -> NodeProcess:
+def start_node(root: Path, faults: FaultRelay, workers: int, debug_port: int | None = None,
+               **mirror: Any) -> NodeProcess:
     mirror.setdefault("upstream", {"read_timeout": "10s"})
     node = NodeProcess(root, faults.url, workers=workers, **mirror)
+    if debug_port is not None:
+        node.config["http"]["debug"] = {"addr": f"127.0.0.1:{debug_port}"}
+        node.config_path.write_text(yaml.safe_dump(node.config))
     node.start()
     wait_workers(node, workers)
     return node
@@ -293,5 +302,61 @@ async def test_one_tag_revalidation_per_node(tmp_path, faults, upstream, upstrea
         await asyncio.sleep(5.5)  # the TTL ran out in every worker
         assert await asyncio.gather(*(manifest() for _ in range(32))) == [image.manifest] * 32
         assert faults.count("HEAD", f"/{repo}/manifests/v1") - heads == 1  # (a 5 s TTL outlasts the burst)
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-10"])
+async def test_metrics_show_node_totals(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    debug_port = free_port()
+    node = start_node(tmp_path / "node", faults, 4, debug_port=debug_port)
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 64 * 1024)
+        assert await get_blob(node.url, repo, digest) == ("ok", data)
+        results = await asyncio.gather(*(get_blob(node.url, repo, digest) for _ in range(40)))
+        assert results == [("ok", data)] * 40
+
+        async def served() -> float:
+            async with httpx.AsyncClient(timeout=30) as client:
+                text = (await client.get(f"http://127.0.0.1:{debug_port}/metrics")).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("mirror_http_requests_total{") and 'route="blob"' in line
+                       and 'method="GET"' in line)
+
+        deadline = time.monotonic() + 30
+        while (total := await served()) < 41:
+            assert time.monotonic() < deadline, total
+            await asyncio.sleep(0.5)
+        assert total == 41  # each request once: the workers' figures added, none twice
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-11"])
+async def test_pull_counts_reach_the_leader(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    debug_port = free_port()
+    node = start_node(tmp_path / "node", faults, 4, debug_port=debug_port)
+    try:
+        repo = f"workers/popular-{uuid.uuid4().hex[:8]}"
+        image = await images.push_image(upstream_client, upstream.url, repo, "v1")
+
+        async def pull_manifest() -> None:
+            async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+                response = await client.get(f"/v2/{repo}/manifests/v1", headers=ACCEPT)
+                assert response.status_code == 200 and response.content == image.manifest
+
+        await pull_manifest()
+        await asyncio.gather(*(pull_manifest() for _ in range(24)))
+
+        async def pulls() -> int:
+            async with httpx.AsyncClient(timeout=30) as client:
+                top = (await client.get(f"http://127.0.0.1:{debug_port}/admin/top?n=10")).json()["top"]
+            return sum(entry["pulls"] for entry in top if entry["repository"] == repo and entry["tag"] == "v1")
+
+        deadline = time.monotonic() + 30  # the hand-off runs every 5 s
+        while (count := await pulls()) < 25:
+            assert time.monotonic() < deadline, count
+            await asyncio.sleep(0.5)
+        assert count == 25
     finally:
         node.close()
