@@ -262,8 +262,9 @@ def build_access(settings: Settings, upstream: Upstream) -> AccessController:
     """The controller the settings ask for (forward mode only when explicit)."""
     if settings.mirror.auth.mode == "forward":
         from mirror.auth.forward import ForwardAccess
+        from mirror.workers import current_role, worker_count
 
-        return ForwardAccess(upstream)
+        return ForwardAccess(upstream, share=worker_count(settings) if current_role() else 1)
     if settings.auth.token is not None:
         return TokenAccess(settings, upstream)
     if settings.auth.htpasswd is not None:
