@@ -432,6 +432,8 @@ class Quota:
         fetch.relay = RelayBuffer(fetch.written, writer._hasher, fetch.size)
         if self.fetcher.inflight.get(fetch.digest) is fetch:
             del self.fetcher.inflight[fetch.digest]  # new requests start a fetch of their own
+        if fetch.fill is not None:
+            fetch.fill.release()  # ... in this worker or another, free to fill it
         self._reserved.pop(fetch, None)
         await self._io(writer.abort)
         if pending:
