@@ -47,6 +47,8 @@ CASES = {
                "served, counted once each",
     "R-WK-11": "pulls by tag served by every worker count once each in the leader's popularity "
                "(`/admin/top`), handed over through the on-disk queue",
+    "R-WK-12": "SIGTERM to the one worker filling a blob (shutdown_grace 1s): it leaves the bytes written, "
+               "a follower in another worker resumes them with a Range; no client gets a wrong body",
     "R-WK-08": "pull-through smoke with 1 and 8 workers: an image's manifest and layers, every blob "
                "fetched upstream once",
 }
@@ -358,5 +360,30 @@ async def test_pull_counts_reach_the_leader(tmp_path, faults, upstream, upstream
             assert time.monotonic() < deadline, count
             await asyncio.sleep(0.5)
         assert count == 25
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-12"])
+async def test_filler_shut_down_leaves_its_bytes(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 4, shutdown_grace="1s")
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 8 * MiB)
+        faults.rate = 2 * MiB
+        clients = [asyncio.create_task(get_blob(node.url, repo, digest)) for _ in range(16)]
+        await wait_until(lambda: faults.bytes_sent(f"/blobs/{digest}") >= 2 * MiB)
+        pid = filler_pid(node, digest)
+        assert pid is not None and pid in worker_pids(node), pid
+        os.kill(pid, signal.SIGTERM)
+        await wait_until(lambda: pid not in worker_pids(node))  # gone with the fill unfinished
+        faults.rate = 8 * MiB
+        results = await asyncio.wait_for(asyncio.gather(*clients), 120)
+        outcomes = [outcome for outcome, _ in results]
+        assert set(outcomes) <= {"ok", "cut"}, outcomes
+        assert all(body == data for outcome, body in results if outcome == "ok")
+        gets = [r for r in faults.records if r.method == "GET" and f"/blobs/{digest}" in r.path_qs]
+        ranges = [(r.request_headers or {}).get("Range", "") for r in gets[1:]]
+        assert any(r.startswith("bytes=") and not r.startswith("bytes=0-") for r in ranges), ranges
+        assert await get_blob(node.url, repo, digest) == ("ok", data)
     finally:
         node.close()
