@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import ssl
 import sys
 import threading
@@ -97,11 +96,8 @@ async def _serve(settings: Settings) -> None:
     publisher: asyncio.Task[None] | None = None
     try:
         host, port = settings.http.bind
-        if role is None:
-            await web.TCPSite(runner, host, port, ssl_context=_tls(settings)).start()
-        else:  # the supervisor's socket, shared by every worker
-            listener = socket.socket(fileno=role.fd)
-            await web.SockSite(runner, listener, ssl_context=_tls(settings)).start()
+        # Workers each listen with SO_REUSEPORT: the kernel spreads connections over them.
+        await web.TCPSite(runner, host, port, ssl_context=_tls(settings), reuse_port=role is not None).start()
         log.info("mirror %s %sserving on %s:%d, upstream %s, store %s", __version__,
                  "" if role is None else f"worker {role.index} (pid {os.getpid()}) ", host, port,
                  settings.proxy.remoteurl, settings.storage.root)

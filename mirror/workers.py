@@ -1,11 +1,15 @@
 """Worker processes: `mirror.workers` copies of the node on one socket, over one store.
 
 With `mirror.workers` above 1, `mirror serve` is a supervisor that serves
-nothing itself. It binds `http.addr` once and starts each worker as
-`python -m mirror serve CONFIG`, the listening socket inherited; the
-environment variable `MIRROR_WORKER=<index>:<fd>` tells a worker which it is
-and where its socket is. The kernel hands each connection to one worker's
-accept. Every worker opens the same store and metadata database (both are
+nothing itself. It starts each worker as `python -m mirror serve CONFIG`;
+the environment variable `MIRROR_WORKER=<index>` tells a worker which it is.
+Each worker listens on `http.addr` with its own `SO_REUSEPORT` socket, so the
+kernel spreads connections evenly over them (one shared, inherited socket
+would not: an asyncio worker accepts up to its backlog per wake-up, so one
+busy worker takes a whole burst). The supervisor holds a bound, never
+listening `SO_REUSEPORT` socket on the address: a port already taken fails
+the start at once, and no other program's socket can join the group while
+workers restart. Every worker opens the same store and metadata database (both are
 multi-process safe: fills coordinate through :mod:`mirror.storage.fills`).
 
 Worker 0 is the leader: it alone runs the debug/admin listener, prewarm jobs
@@ -47,15 +51,13 @@ CRASH_WINDOW = 60.0
 FATAL_STATUS = 2
 #: Seconds between the supervisor's looks at its workers.
 POLL = 0.1
-LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerRole:
-    """Which worker this process is, and the listening socket it inherited."""
+    """Which worker this process is."""
 
     index: int
-    fd: int
 
     @property
     def leader(self) -> bool:
@@ -68,8 +70,7 @@ def current_role() -> WorkerRole | None:
     value = os.environ.get(ENV)
     if not value:
         return None
-    index, _, fd = value.partition(":")
-    return WorkerRole(int(index), int(fd))
+    return WorkerRole(int(value))
 
 
 def is_leader() -> bool:
@@ -154,24 +155,24 @@ class Supervisor:
         return status
 
     def _bind(self) -> socket.socket:
+        """Reserve `http.addr` for the workers' group (bound, not listening: it takes no connection)."""
         host, port = self.settings.http.bind
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.set_inheritable(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host or "0.0.0.0", port))
         return sock
 
     def _start(self, index: int) -> None:
         assert self._sock is not None
         argv = [sys.executable, "-m", "mirror", "serve"] + ([self.config] if self.config else [])
-        env = {**os.environ, ENV: f"{index}:{self._sock.fileno()}"}
+        env = {**os.environ, ENV: str(index)}
         # SIGHUP is ignored until the worker's loop handles it (reload): an
         # early reload must not kill a starting worker. SIG_IGN survives exec.
         previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            process = subprocess.Popen(argv, env=env, pass_fds=(self._sock.fileno(),))
+            process = subprocess.Popen(argv, env=env)
         finally:
             signal.signal(signal.SIGHUP, previous)
         self.workers[index] = process
