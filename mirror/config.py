@@ -60,7 +60,7 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       scrub: {interval: 168h}  # re-hash the whole store once per interval, paced; 0 = off
       shutdown_grace: 20s   # on SIGTERM, requests in flight get this long, then are cut
       names: []             # other registry names meaning this upstream (containerd's ?ns=)
-      workers: 1            # processes serving http.addr over one store; auto = the CPUs available
+      workers: auto         # processes serving http.addr over one store: the CPUs available; 1 = one process
 
 Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
 Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
@@ -541,7 +541,7 @@ class MirrorSettings:
     scrub: ScrubSettings = field(default_factory=ScrubSettings)
     shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
     names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
-    workers: int = 1  # worker processes serving http.addr; 0 ("auto") = the CPUs available
+    workers: int = 0  # worker processes serving http.addr; 0 ("auto", the default) = the CPUs available
 
 
 @dataclass(frozen=True, slots=True)
