@@ -364,13 +364,18 @@ class Fetcher:
 
     @staticmethod
     def _fill_failed_meanwhile(fetch: BlobFetch, fill: FillLock) -> errors.RegistryError | None:
-        """The error of a fill that failed while this fetch waited for its lock, if any."""
+        """The error of a fill that failed while this fetch waited for its lock, if any.
+
+        Only an answer that holds for this fetch too: through the same
+        repository, and not a refusal of the filler's client's credentials
+        (this fetch's own client may be allowed): then this fetch fills itself.
+        """
         failure = fill.failed_since(fetch.joined_at)
-        if failure is None:
+        code = failure.get("code") if failure is not None else None
+        if failure is None or failure.get("repo") != fetch.repo or code in ("UNAUTHORIZED", "DENIED"):
             return None
-        code = failure.get("code")
-        cls = next((c for c in (errors.BlobUnknown, errors.Unauthorized, errors.Denied,
-                                errors.TooManyRequests) if c.code == code), FollowedFailure)
+        cls = next((c for c in (errors.BlobUnknown, errors.TooManyRequests) if c.code == code),
+                   FollowedFailure)
         error = cls(str(failure.get("message") or "") or None)
         if cls is not FollowedFailure:
             error.followed = True  # type: ignore[attr-defined]

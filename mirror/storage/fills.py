@@ -13,8 +13,10 @@ its digest, so any process finds them without asking the others:
   request from its size, so readers following it keep their descriptors.
   Only a digest mismatch removes it (those bytes must not be resumed).
 - `fill-<alg>-<hex>.failed`: written under the lock when a fill failed for
-  good (JSON: `code`, `message`, `at`), so the processes following it answer
-  their clients with that error instead of fetching again at once.
+  good (JSON: `code`, `message`, `at`, `repo`), so the processes following it
+  answer their clients with that error instead of fetching again at once
+  (when they fetch through the same repository, and the error is not about
+  the filler's own credentials).
 
 Done is the object at its final path: it is renamed there only after its
 digest verified, so a follower releases the held-back tail when it appears.
@@ -109,7 +111,8 @@ class FillLock:
         """Tell the followers this fill failed for good (under the lock)."""
         assert self._fd is not None
         with contextlib.suppress(OSError):
-            self.failed_path.write_text(json.dumps({"code": code, "message": message, "at": time.time()}))
+            self.failed_path.write_text(json.dumps({"code": code, "message": message, "at": time.time(),
+                                                    "repo": self._info.get("repo")}))
 
     def failed_since(self, since: float) -> dict[str, Any] | None:
         """The failure recorded by a fill that ended after `since` (wall clock), if any."""
