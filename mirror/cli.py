@@ -44,16 +44,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    return serve_forever(settings)
+    return serve_forever(settings, args.config)
 
 
-def serve_forever(settings: Settings) -> int:
-    """Run the node (and its debug listener) until SIGINT/SIGTERM."""
+def serve_forever(settings: Settings, config: str | None = None) -> int:
+    """Run the node (and its debug listener) until SIGINT/SIGTERM.
+
+    With `mirror.workers` above 1 this process supervises the workers
+    (:mod:`mirror.workers`), each of which loads `config` again.
+    """
+    from mirror.workers import Supervisor, current_role, die_with_parent, worker_count
+
     setup_logging(settings.log.level, settings.log.formatter)
     _raise_nofile_limit()
-    if settings.ignored_keys:
+    role = current_role()
+    if role is None and worker_count(settings) > 1:
+        try:
+            return Supervisor(settings, config, worker_count(settings), FLUSH_BUDGET).run()
+        except OSError as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return 2
+    if role is not None:
+        die_with_parent()
+    if settings.ignored_keys and (role is None or role.leader):
         log.warning("config keys accepted but not used by mirror: %s", ", ".join(settings.ignored_keys))
-    if settings.unknown_keys:
+    if settings.unknown_keys and (role is None or role.leader):
         log.warning("unknown config keys ignored: %s", ", ".join(settings.unknown_keys))
     try:
         asyncio.run(_serve(settings))
@@ -68,28 +83,40 @@ async def _serve(settings: Settings) -> None:
     from mirror.api.handlers import NODE
     from mirror.api.server import CLEANUP_TIMEOUT, CUT_WAIT, MirrorRunner, drain, warn_if_unguarded
     from mirror.app import create_app
+    from mirror.observe.nodetotals import publish, publish_forever
+    from mirror.workers import current_role
 
+    role = current_role()
     warn_if_unguarded()
     app = create_app(settings)
     # request-header timeout, 75 s keep-alive; drain() bounds the shutdown
     runner = MirrorRunner(app, access_log=None, shutdown_timeout=CLEANUP_TIMEOUT)
     await runner.setup()
     debug: web.AppRunner | None = None
+    publisher: asyncio.Task[None] | None = None
     try:
         host, port = settings.http.bind
-        await web.TCPSite(runner, host, port, ssl_context=_tls(settings)).start()
-        log.info("mirror %s serving on %s:%d, upstream %s, store %s", __version__, host, port,
+        # Workers each listen with SO_REUSEPORT: the kernel spreads connections over them.
+        await web.TCPSite(runner, host, port, ssl_context=_tls(settings), reuse_port=role is not None).start()
+        log.info("mirror %s %sserving on %s:%d, upstream %s, store %s", __version__,
+                 "" if role is None else f"worker {role.index} (pid {os.getpid()}) ", host, port,
                  settings.proxy.remoteurl, settings.storage.root)
-        if settings.http.debug_bind is not None:
+        if settings.http.debug_bind is not None and (role is None or role.leader):
             debug = web.AppRunner(create_debug_app(app[NODE]), access_log=None, shutdown_timeout=CUT_WAIT)
             await debug.setup()
             await web.TCPSite(debug, *settings.http.debug_bind).start()
             log.info("debug listener on %s:%d", *settings.http.debug_bind)
+        if role is not None and not role.leader:  # the leader's /metrics adds this worker's figures
+            publisher = asyncio.create_task(
+                publish_forever(app[NODE].metrics.registry, settings.metadata_dir, role.index))
         await _until_signalled()
         grace = settings.mirror.shutdown_grace
         _exit_after(grace + FLUSH_BUDGET)
         app[NODE].draining = True  # readiness answers 503 from now on
         await drain(runner, grace)  # the debug listener still answers meanwhile
+        if publisher is not None:
+            publisher.cancel()
+            await asyncio.to_thread(publish, app[NODE].metrics.registry, settings.metadata_dir, role.index)
     finally:
         if debug is not None:
             await debug.cleanup()

@@ -60,6 +60,7 @@ Our own section; unknown keys in it are errors, since nobody else reads it. Defa
       scrub: {interval: 168h}  # re-hash the whole store once per interval, paced; 0 = off
       shutdown_grace: 20s   # on SIGTERM, requests in flight get this long, then are cut
       names: []             # other registry names meaning this upstream (containerd's ?ns=)
+      workers: auto         # processes serving http.addr over one store: the CPUs available; 1 = one process
 
 Durations are Go durations ("300ms", "1h30m", plus "d" for days) or plain numbers of seconds.
 Sizes are bytes or "500MB" (1000-based), "1.5GiB" (1024-based); bare K/M/G/T/P are 1024-based.
@@ -246,6 +247,13 @@ def _positive_int(value: Any, key: str) -> int:
     if number <= 0:
         raise ConfigError(key, f"must be greater than zero, got {value!r}")
     return number
+
+
+def _workers(value: Any, key: str) -> int:
+    """`mirror.workers`: a count of processes, or "auto" (0: the CPUs this process may use)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    return _positive_int(value, key)
 
 
 def _boolean(value: Any, key: str) -> bool:
@@ -555,6 +563,7 @@ class MirrorSettings:
     shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
     names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
     upstreams: tuple[RegistrySettings, ...] = ()  # further registries served by this node (README)
+    workers: int = 1  # worker processes serving http.addr; 0 ("auto") = the CPUs available
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,6 +695,7 @@ _MIRROR_FIELDS = {
     "manifest_max_size": _positive_size,
     "shutdown_grace": parse_duration,
     "names": _registry_names,
+    "workers": _workers,
 }
 _REGISTRY_FIELDS = {"names": _registry_names, "remoteurl": _remote_url, "username": _string,
                     "password": _string, "tag_ttl": parse_duration, "tag_max_stale": parse_duration}

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit
 
 from mirror.auth.controller import AccessController, build_access
@@ -16,6 +17,7 @@ from mirror.proxy.blobs import Blobs
 from mirror.proxy.fetcher import Fetcher
 from mirror.proxy.manifests import Manifests
 from mirror.proxy.negative import NegativeCache
+from mirror.proxy.taglocks import TagLocks
 from mirror.proxy.tags import TagLists
 from mirror.proxy.uploads import Uploads
 from mirror.storage.blobstore import BlobStore
@@ -24,6 +26,7 @@ from mirror.storage.quota import Quota
 from mirror.storage.scrub import Integrity, Scrubber
 from mirror.upstream.client import Upstream
 from mirror.upstream.registries import Registries, Registry, default_names
+from mirror.workers import current_role, is_leader, link_share, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +110,14 @@ def open_registries(settings: Settings, transport: object = None) -> Registries:
     """The default upstream and each of `mirror.upstreams`, every one with its own client."""
     mirror = settings.mirror
     proxy = settings.proxy
-    client = Upstream(proxy.remoteurl, proxy.username, proxy.password, mirror.upstream,
+    share = worker_count(settings) if current_role() else 1  # a node's link budget, split over workers
+    link = partial(link_share, count=share)
+    client = Upstream(proxy.remoteurl, proxy.username, proxy.password, link(mirror.upstream),
                       transport=transport)  # type: ignore[arg-type]
     default = Registry(None, default_names(proxy.remoteurl, mirror.names), client, mirror.tag_ttl,
                        mirror.tag_max_stale)
     others = [Registry(r.prefix, frozenset(r.names),
-                       Upstream(r.remoteurl, r.username, r.password, r.upstream,
+                       Upstream(r.remoteurl, r.username, r.password, link(r.upstream),
                                 transport=transport),  # type: ignore[arg-type]
                        mirror.tag_ttl if r.tag_ttl is None else r.tag_ttl,
                        mirror.tag_max_stale if r.tag_max_stale is None else r.tag_max_stale)
@@ -144,16 +149,21 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     manifests.metrics = metrics
     quota = Quota(settings, store, metadata, executor, metrics, blobs.fetcher)
     blobs.fetcher.quota = quota
-    await quota.start()  # usage, space reserve; flushes access times, repairs metadata in the background
+    leader = is_leader()  # one process of the node runs the single-instance services (mirror.workers)
+    blobs.fetcher.shared = current_role() is not None
+    if blobs.fetcher.shared:
+        manifests.tag_locks = TagLocks(settings.metadata_dir / "locks")
+    await quota.start(housekeeping=leader)  # usage, reserve; the leader flushes, repairs, evicts
     node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
                 access, metrics, Uploads(store, executor))
     node.quota = quota
     node.integrity = Integrity(store, metadata, executor, metrics)
     node.scrubber = Scrubber(store, node.integrity, metrics, mirror.scrub.interval,
                              busy=lambda: node.integrity.busy or bool(blobs.fetcher.inflight))
-    node.scrubber.start()
+    if leader:
+        node.scrubber.start()
     node.ops = Operations(node)
-    node.ops.start()
+    node.ops.start(leader=leader, shared=blobs.fetcher.shared)
     return node
 
 

@@ -694,6 +694,7 @@ async def test_eio_creating_temp_file(make_mirror, faults, upstream, upstream_cl
         raise OSError(errno.EIO, "Input/output error (injected)")
 
     monkeypatch.setattr(blobstore.BlobStore, "new_temp_path", broken)
+    monkeypatch.setattr(blobstore.BlobStore, "fill_writer", broken)  # a blob fetch's temp file
     async with node.client() as client:
         got = await get(client, f"/v2/{image.repo}/blobs/{digest}")
     assert got.status == 503 and error_code(got) == "UNAVAILABLE"

@@ -17,6 +17,7 @@ from mirror.api.middleware import error_middleware
 from mirror.node import Node
 from mirror.observe import lifetime
 from mirror.observe.gauges import refresh_store_gauges
+from mirror.workers import current_role
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -26,7 +27,12 @@ async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE]
     await refresh_store_gauges(node)
     await request.app[status.SAMPLER].upstream_health()
-    return web.Response(body=node.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = node.metrics.exposition()
+    if current_role() is not None:  # worker processes: this is the leader, it adds the others' figures
+        from mirror.observe.nodetotals import node_exposition
+
+        body = node_exposition(node.metrics.registry, node.settings.metadata_dir)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -262,10 +262,12 @@ def build_access(settings: Settings, upstream: Upstream) -> AccessController:
     """The controller the settings ask for (forward mode only when explicit)."""
     if settings.mirror.auth.mode == "forward":
         from mirror.auth.forward import ForwardAccess, ForwardByRegistry
+        from mirror.workers import current_role, worker_count
 
+        share = worker_count(settings) if current_role() else 1  # the node's rate, split over workers
         if settings.mirror.upstreams:  # each registry relays its own challenge, judges its own tokens
-            return ForwardByRegistry(upstream)  # type: ignore[arg-type]
-        return ForwardAccess(upstream)
+            return ForwardByRegistry(upstream, share=share)  # type: ignore[arg-type]
+        return ForwardAccess(upstream, share=share)
     if settings.auth.token is not None:
         return TokenAccess(settings, upstream)
     if settings.auth.htpasswd is not None:

@@ -95,14 +95,16 @@ class ForwardAccess:
 
     Args:
         upstream: the registry whose challenge is relayed and which judges.
+        share: worker processes sharing the node's verification rate (each
+            gets an equal part, so the node's total stays the documented one).
     """
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, share: int = 1) -> None:
         self.upstream = upstream
         self.verdicts: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
         self._flight: SingleFlight[bool] = SingleFlight()
-        self._bucket = _Bucket(HEADS_PER_SECOND, HEAD_BURST)
-        self._vouched_bucket = _Bucket(VOUCHED_HEADS_PER_SECOND, VOUCHED_HEAD_BURST)
+        self._bucket = _Bucket(HEADS_PER_SECOND / share, max(1.0, HEAD_BURST / share))
+        self._vouched_bucket = _Bucket(VOUCHED_HEADS_PER_SECOND / share, max(1.0, VOUCHED_HEAD_BURST / share))
         self.vouched: OrderedDict[bytes, None] = OrderedDict()
         self._learning: asyncio.Task[None] | None = None
         self._learned_at = -LEARN_EVERY
@@ -264,9 +266,10 @@ class ForwardByRegistry:
     token is checked by probing that registry with its own path.
     """
 
-    def __init__(self, registries: Registries) -> None:
+    def __init__(self, registries: Registries, share: int = 1) -> None:
         self.registries = registries
-        self.judges = {registry.label: ForwardAccess(registry.client) for registry in registries.all}
+        self.judges = {registry.label: ForwardAccess(registry.client, share=share)
+                       for registry in registries.all}
 
     async def authorize(self, request: web.Request, required: Sequence[Access]) -> str | None:
         registry, own_name = (self.registries.owner(required[0].name) if required

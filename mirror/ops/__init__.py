@@ -9,6 +9,7 @@ reports every manifest it serves through :meth:`Operations.manifest_served`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from aiohttp import web
 from mirror.api.external import client_address, external_base
 from mirror.ops.events import PullEvents, source
 from mirror.ops.notify import Notifications
-from mirror.ops.popularity import KeepFresh, Popularity
+from mirror.ops.popularity import HAND_OFF_INTERVAL, KeepFresh, Popularity
 from mirror.ops.prewarm import Warmer
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Tag
@@ -55,15 +56,39 @@ class Operations:
         prefetch = settings.mirror.prefetch
         self.keep_fresh = KeepFresh(self.popularity, prefetch.keep_fresh, prefetch.interval,
                                     self.warmer.refresh_tag)
+        self._hand_off: asyncio.Task[None] | None = None  # a non-leader worker's pull counts to the leader
 
-    def start(self) -> None:
-        """Start the background loops (inside the running event loop)."""
+    def start(self, leader: bool = True, shared: bool = False) -> None:
+        """Start the background loops (inside the running event loop).
+
+        Args:
+            leader: this process runs the node's single-instance loops (resumed
+                prewarm jobs, event delivery, keep-fresh); other workers only
+                queue their pull events and pull counts on disk for it.
+            shared: worker processes serve this node (`mirror.workers`).
+        """
+        if shared:
+            self.popularity.share(self.node.settings.metadata_dir / "popularity-inbox", leader)
         self.popularity.load()
+        if not leader:
+            self._hand_off = asyncio.create_task(self._hand_off_forever(), name="popularity-hand-off")
+            return
         self.warmer.resume()
         self.events.start()
         self.keep_fresh.start()
 
+    async def _hand_off_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HAND_OFF_INTERVAL)
+            try:
+                await asyncio.to_thread(self.popularity.hand_off)
+            except Exception:  # noqa: BLE001 - counts are best effort; serving goes on
+                log.exception("could not hand pull counts to the leader")
+
     async def close(self) -> None:
+        if self._hand_off is not None:
+            self._hand_off.cancel()
+            await asyncio.gather(self._hand_off, return_exceptions=True)
         await self.keep_fresh.close()
         await self.notifications.close()
         await self.jobs.close()

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 QUEUE_LIMIT = 10_000
 BATCH = 100  # events per envelope at most
+IDLE_POLL = 1.0  # seconds between looks at an empty queue (other workers append to it)
 
 
 def timestamp() -> str:
@@ -142,8 +143,9 @@ class EndpointSink:
             batch = await asyncio.to_thread(self._peek)
             if not batch:
                 self._waiting.clear()
-                if not len(self.queue):
-                    await self._waiting.wait()
+                if not len(self.queue):  # other workers queue on disk too: look again now and then
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._waiting.wait(), IDLE_POLL)
                 continue
             body = json.dumps({"events": batch}).encode()
             await self._deliver(body)

@@ -6,6 +6,13 @@ bounded (:data:`LIMIT` tags; when full the least pulled half is forgotten),
 and are saved to `<metadata_dir>/popularity.json` at shutdown and after
 each keep-fresh round, so a restart does not forget what is popular.
 
+With worker processes (`mirror.workers`) the leader holds the node's counts;
+every other worker hands its new pulls to it through a process-safe queue on
+disk (`<metadata_dir>/popularity-inbox`, a `diskcache.Deque`) every
+`HAND_OFF_INTERVAL` seconds and at shutdown, and the leader takes them in
+before it ranks or saves. A worker killed with SIGKILL loses at most its last
+interval's counts.
+
 `mirror.prefetch.keep_fresh: N` re-resolves the N most pulled tags every
 `mirror.prefetch.interval` with a HEAD upstream, as background work (see
 :mod:`mirror.upstream.budget`); a tag whose digest moved has its new
@@ -30,6 +37,7 @@ from mirror.upstream.budget import background
 log = logging.getLogger(__name__)
 
 LIMIT = 100_000
+HAND_OFF_INTERVAL = 5.0
 
 
 class Popularity:
@@ -39,8 +47,43 @@ class Popularity:
         self.path = path
         self.limit = limit
         self._counts: dict[tuple[str, str], list[float]] = {}  # -> [pulls, last pull time]
+        self._inbox: Any = None  # diskcache.Deque shared by the workers; None: a lone process
+        self._forwarding = False  # a non-leader worker: counts go to the leader
+        self._new: dict[tuple[str, str], list[float]] = {}  # pulls not yet handed to the leader
+
+    def share(self, inbox: Path, leader: bool) -> None:
+        """Worker processes: count node-wide through the queue at `inbox`."""
+        from diskcache import Deque
+
+        self._inbox = Deque(directory=str(inbox))
+        self._forwarding = not leader
+
+    def hand_off(self) -> None:
+        """A non-leader worker: queue the pulls counted since the last hand-off (blocking)."""
+        if not self._forwarding or not self._new:
+            return
+        batch, self._new = self._new, {}
+        self._inbox.append([[repo, tag, pulls, last] for (repo, tag), (pulls, last) in batch.items()])
+
+    def take_in(self) -> None:
+        """The leader: add the other workers' queued pulls to the node's counts (blocking)."""
+        if self._inbox is None or self._forwarding:
+            return
+        while True:
+            try:
+                batch = self._inbox.popleft()
+            except IndexError:
+                return
+            for repo, tag, pulls, last in batch:
+                entry = self._counts.setdefault((str(repo), str(tag)), [0, 0.0])
+                entry[0] += int(pulls)
+                entry[1] = max(entry[1], float(last))
 
     def record(self, repo: str, tag: str) -> None:
+        if self._forwarding:
+            pending = self._new.setdefault((repo, tag), [0, 0.0])
+            pending[0] += 1
+            pending[1] = time.time()
         entry = self._counts.get((repo, tag))
         if entry is None:
             if len(self._counts) >= self.limit:
@@ -56,12 +99,13 @@ class Popularity:
 
     def top(self, n: int) -> list[dict[str, Any]]:
         """The `n` most pulled tags, most pulled first (ties: most recent first)."""
+        self.take_in()
         ranked = sorted(self._counts.items(), key=lambda kv: (kv[1][0], kv[1][1]), reverse=True)
         return [{"repository": repo, "tag": tag, "pulls": int(pulls), "last_pull": last}
                 for (repo, tag), (pulls, last) in ranked[: max(n, 0)]]
 
     def load(self) -> None:
-        if self.path is None:
+        if self.path is None or self._forwarding:
             return
         try:
             entries = json.loads(self.path.read_text())
@@ -74,6 +118,9 @@ class Popularity:
             log.warning("ignoring unreadable %s: %s", self.path, exc)
 
     def save(self) -> None:
+        if self._forwarding:
+            self.hand_off()  # the leader saves the node's counts
+            return
         if self.path is None:
             return
         try:

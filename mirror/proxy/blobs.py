@@ -50,6 +50,7 @@ class Blobs:
         self.store = store
         self.metadata = metadata
         self.fetcher = Fetcher(store, upstream, executor, self.on_commit)
+        self.fetcher.confirm = self.ensure_linked  # a fill through another repository (another worker's)
         self.upstream = upstream
         self.executor = executor
         self.negative = negative

@@ -12,6 +12,14 @@ bounded whatever the blob size, and a mismatch leaves every reader short of
 A connection reset mid-blob resumes with a `Range` request from the bytes
 already written; the final digest still verifies the whole blob.
 
+Across worker processes sharing the store, one process fills each blob
+(:mod:`mirror.storage.fills`): a fetch that finds another process holding
+the blob's fill lock *follows* that fill instead, polling the shared temp
+file's size every `FOLLOW_POLL` seconds and releasing the held-back tail only
+once the verified object appears at its final path. A follower that finds
+the lock free (its filler died, or shut down) takes it and resumes from the
+bytes written; one that finds the fill failed answers with its error.
+
 A blob that does not fit the quota, or whose temp-file write fails because the
 disk is full, is relayed to its readers uncached (:mod:`mirror.storage.quota`).
 
@@ -26,17 +34,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from mirror import errors
 from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
+from mirror.storage.fills import FillLock
 from mirror.storage.quota import Quota, RelayBuffer
 from mirror.upstream import budget
 from mirror.upstream.client import MIN_BYTES_PER_WINDOW, Upstream, retry_delay
@@ -47,6 +58,8 @@ log = logging.getLogger(__name__)
 
 HOLD_BACK = 64 * 1024
 WRITE_BATCH = 256 * 1024
+#: Seconds between a follower's looks at another process's fill.
+FOLLOW_POLL = 0.02
 
 
 class BlobFetch:
@@ -58,6 +71,8 @@ class BlobFetch:
         self.size: int | None = None
         self.written = 0
         self.began = time.monotonic()  # for the status page's rate
+        self.joined_at = time.time()  # a fill failure recorded after this is ours to report
+        self.fill: FillLock | None = None  # the node-wide fill lock, once this process holds it
         self.committed = False
         self.task: asyncio.Task[None] | None = None
         self.error: errors.RegistryError | None = None
@@ -155,6 +170,7 @@ class BlobFetch:
 
 
 OnCommit = Callable[[BlobFetch], Awaitable[None]]
+Confirm = Callable[[str, Digest, Credential], Awaitable[Any]]
 
 
 class Fetcher:
@@ -179,6 +195,12 @@ class Fetcher:
         self.inflight: dict[Digest, BlobFetch] = {}
         self.metrics: Metrics | None = None
         self.quota: Quota | None = None  # admission, reservations, disk-full relay
+        #: Checks upstream that a repository holds a digest (before serving it
+        #: from a fill made through another repository); None: not checked.
+        self.confirm: Confirm | None = None
+        #: Other worker processes share the store: a fill stopped by shutdown
+        #: keeps its bytes for them to resume (a lone node sweeps them).
+        self.shared = False
         self._tasks: set[asyncio.Task[None]] = set()
         use_large_reads()  # blob bodies in pieces of up to 1 MiB, not httpcore's 64 KiB
 
@@ -228,10 +250,31 @@ class Fetcher:
 
     async def _run(self, fetch: BlobFetch, credential: Credential) -> None:
         writer: BlobWriter | None = None
+        fill = FillLock(self.store.root / "tmp", fetch.digest)
+        keep = False  # leave the bytes written for another worker to resume (shutdown)
         try:
-            writer = await self._io(self.store.writer, fetch.digest, None)
+            if not await self._io(fill.try_acquire):
+                if await self._follow(fetch, fill, credential):
+                    await self.on_commit(fetch)
+                    return
+            fetch.fill = fill
+            failure = await self._io(self._fill_failed_meanwhile, fetch, fill)
+            if failure is not None:  # the fill this fetch followed failed: its error, not a new fetch
+                fetch.fail(failure)
+                return
+            if await self._published_meanwhile(fetch, credential):
+                await self.on_commit(fetch)
+                return
+            await self._io(functools.partial(fill.announce, repo=fetch.repo))
+            writer = await self._io(self.store.fill_writer, fetch.digest)
             fetch.temp_path = str(writer.temp_path)
-            await self._download(fetch, writer, credential)
+            fetch.written = writer.written  # a dead filler's bytes: resumed with a Range
+            if fetch.written:
+                log.info("blob %s: resuming another filler's %d bytes", fetch.digest, fetch.written)
+                fetch.size = writer.expected_size = fill.known_size
+            if fetch.size is None or fetch.written < fetch.size:
+                await self._download(fetch, writer, credential)
+            fetch._started.set()  # a dead filler's complete bytes: only the verify was missing
             if fetch.relay is not None:  # served uncached: verified, nothing published
                 fetch.relay.verify(fetch.digest)
                 fetch.committed = True
@@ -240,6 +283,7 @@ class Fetcher:
             writer = None
             fetch.committed = True
             fetch._notify()  # readers finish now; the metadata records follow
+            await self._io(fill.clear_failed)
             await self.on_commit(fetch)
         except errors.RegistryError as exc:
             fetch.fail(exc)
@@ -252,14 +296,20 @@ class Fetcher:
                 self.quota.store_error(exc)
             fetch.fail(errors.Unavailable("the mirror could not store this blob", headers={"Retry-After": "10"}))
         except asyncio.CancelledError:
-            fetch.fail(errors.Unavailable("mirror shutting down"))
+            fetch.fail(Shutdown("mirror shutting down"))
+            keep = self.shared
             raise
         except Exception:
             log.exception("fetch of %s failed", fetch.digest)
             fetch.fail(errors.Unknown())
         finally:
             if writer is not None:
-                await self._io(writer.abort)
+                await self._io(writer.keep if keep and writer.written else writer.abort)
+            if fill.held:
+                if fetch.error is not None and not isinstance(fetch.error, (Shutdown, FollowedFailure)) \
+                        and not getattr(fetch.error, "followed", False):
+                    await self._io(fill.mark_failed, fetch.error.code, fetch.error.message)
+                await self._io(fill.release)
             if self.inflight.get(fetch.digest) is fetch:  # a relayed fetch left it early
                 del self.inflight[fetch.digest]
             if self.quota is not None:
@@ -268,6 +318,84 @@ class Fetcher:
                 self.metrics.fill_failures.labels(fetch.error.code).inc()
             fetch.done.set()
             fetch._notify()
+
+    async def _follow(self, fetch: BlobFetch, fill: FillLock, credential: Credential) -> bool:
+        """Read along another process's fill of the blob until it ends.
+
+        Returns True when the verified object was published (the fetch is
+        committed), False when this process took the fill lock (its filler
+        stopped): the caller fills, from the bytes written.
+
+        Raises:
+            RegistryError: `fetch.repo` does not hold the blob upstream, or
+                the fill failed while followed, or its file was replaced.
+        """
+        confirmed = False
+        inode: int | None = None
+        while True:
+            info = await self._io(fill.info)
+            if not confirmed and info.get("repo"):
+                if info["repo"] != fetch.repo and self.confirm is not None:
+                    await self.confirm(fetch.repo, fetch.digest, credential)  # another repository's fill
+                confirmed = True
+            part, final = await self._io(_fill_state, fill.part_path, self.store.path(fetch.digest))
+            if final is not None:
+                if inode is not None and final[1] != inode:
+                    raise errors.Unavailable("the blob's fill started over; retry")
+                if not confirmed and self.confirm is not None:
+                    await self.confirm(fetch.repo, fetch.digest, credential)  # filled through which repository?
+                fetch.size = fetch.written = final[0]
+                fetch.committed = True
+                fetch._started.set()
+                fetch._notify()
+                return True
+            if part is not None and confirmed:
+                if inode is None:
+                    inode = part[1]
+                    fetch.temp_path = str(fill.part_path)
+                if part[1] == inode and part[0] > fetch.written:
+                    fetch.received(part[0] - fetch.written)
+                    fetch.written = part[0]
+                    fetch._notify()
+                size = info.get("size")
+                if isinstance(size, int) and not fetch._started.is_set():
+                    fetch.size = size
+                    fetch._started.set()
+            if await self._io(fill.try_acquire):
+                return False
+            await asyncio.sleep(FOLLOW_POLL)
+
+    @staticmethod
+    def _fill_failed_meanwhile(fetch: BlobFetch, fill: FillLock) -> errors.RegistryError | None:
+        """The error of a fill that failed while this fetch waited for its lock, if any.
+
+        Only an answer that holds for this fetch too: through the same
+        repository, and not a refusal of the filler's client's credentials
+        (this fetch's own client may be allowed): then this fetch fills itself.
+        """
+        failure = fill.failed_since(fetch.joined_at)
+        code = failure.get("code") if failure is not None else None
+        if failure is None or failure.get("repo") != fetch.repo or code in ("UNAUTHORIZED", "DENIED"):
+            return None
+        cls = next((c for c in (errors.BlobUnknown, errors.TooManyRequests) if c.code == code),
+                   FollowedFailure)
+        error = cls(str(failure.get("message") or "") or None)
+        if cls is not FollowedFailure:
+            error.followed = True  # type: ignore[attr-defined]
+        return error
+
+    async def _published_meanwhile(self, fetch: BlobFetch, credential: Credential) -> bool:
+        """Whether another process published the blob before this one took its lock."""
+        size = await self._io(self.store.size, fetch.digest)
+        if size is None:
+            return False
+        if self.confirm is not None:
+            await self.confirm(fetch.repo, fetch.digest, credential)
+        fetch.size = fetch.written = size
+        fetch.committed = True
+        fetch._started.set()
+        fetch._notify()
+        return True
 
     async def _download(self, fetch: BlobFetch, writer: BlobWriter, credential: Credential) -> None:
         """Stream upstream into `writer`, resuming from the bytes it has."""
@@ -297,7 +425,10 @@ class Fetcher:
     async def _stream_once(self, fetch: BlobFetch, writer: BlobWriter, credential: Credential) -> None:
         async with self.upstream.stream_blob(fetch.repo, fetch.digest, fetch.written,
                                              credential) as stream:
+            known = fetch.size
             self._announce(fetch, writer, stream.total)
+            if fetch.fill is not None and fetch.size is not None and known is None:
+                await self._io(functools.partial(fetch.fill.announce, size=fetch.size))  # followers send Content-Length
             if not fetch._started.is_set():  # before any response headers: reserve, or 503
                 if self.quota is not None:
                     await self.quota.admit(fetch, writer)
@@ -346,7 +477,7 @@ class Fetcher:
 
     def _announce(self, fetch: BlobFetch, writer: BlobWriter, total: int | None) -> None:
         """Record the size from the first response; later ranges must agree."""
-        if fetch.size is None and fetch.written == 0:
+        if fetch.size is None:  # the first response (or the first after another filler's bytes)
             if total == 0 and fetch.digest != Digest.of(b"", fetch.digest.algorithm):
                 # An empty body has no tail to hold back: readers would get it whole.
                 raise DigestMismatch(f"{fetch.digest}: upstream announced an empty body")
@@ -371,6 +502,27 @@ class Fetcher:
         fetch._notify()
         if self.metrics is not None:
             self.metrics.upstream_bytes.inc(len(data))
+
+
+class Shutdown(errors.Unavailable):  # type: ignore[misc,valid-type]
+    """The fetch was stopped by shutdown: not a failure other processes should repeat."""
+
+
+class FollowedFailure(errors.Unavailable):  # type: ignore[misc,valid-type]
+    """Another process's fill of the blob failed while this one followed it."""
+
+
+def _fill_state(part: Path, final: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(size, inode) of a fill's temp file and of the published object, each None when absent."""
+    found: list[tuple[int, int] | None] = []
+    for path in (part, final):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            found.append(None)
+            continue
+        found.append((st.st_size, st.st_ino))
+    return found[0], found[1]
 
 
 def open_for_read(fetch: BlobFetch, store: BlobStore) -> int | None:

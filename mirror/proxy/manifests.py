@@ -33,6 +33,7 @@ from mirror.observe.metrics import Metrics
 from mirror.proxy.hot import HotManifests
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.singleflight import SingleFlight
+from mirror.proxy.taglocks import TagLocks
 from mirror.proxy.waits import Refreshes, within
 from mirror.registry import manifest as manifests
 from mirror.registry import mediatypes
@@ -81,6 +82,7 @@ class Manifests:
         self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
         self.metrics: Metrics | None = None
         self.hot = HotManifests(recheck=tag_ttl)  # verified bytes: a warm hit needs no thread hop
+        self.tag_locks: TagLocks | None = None  # set when worker processes share the metadata
         #: (tag_ttl, tag_max_stale) of the registry owning a repository (mirror.upstreams overrides)
         self.tag_policy: Callable[[str], tuple[float, float]] = lambda _repo: (self.tag_ttl,
                                                                                  self.tag_max_stale)
@@ -259,6 +261,16 @@ class Manifests:
 
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,
                           credential: Credential) -> TagRecord:
+        if self.tag_locks is None:
+            return await self._revalidate_now(repo, tag, record, credential)
+        async with self.tag_locks.hold(repo, tag):  # one HEAD per tag per expiry per node
+            stored = await self.metadata.reload_tag(repo, tag)
+            if stored is not None and time.time() - stored.fetched_at < self.tag_ttl:
+                return stored  # another worker revalidated it meanwhile
+            return await self._revalidate_now(repo, tag, stored or record, credential)
+
+    async def _revalidate_now(self, repo: str, tag: str, record: TagRecord,
+                              credential: Credential) -> TagRecord:
         try:
             head = await self.upstream.head_manifest(repo, tag, credential)
             confirmed = time.time() - head.age

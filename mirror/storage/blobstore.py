@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mirror.registry.digest import Digest
+from mirror.storage.fills import FILL_PREFIX, fill_paths, sweep_fill
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def path_for(root: Path, kind: str, digest: Digest | None = None, name: str = ""
           objects/<alg>/<hex[0:2]>/<hex>    one verified object per digest
           tmp/<owner>.lock                  held (flock) by each live process
           tmp/<owner>-<random>.part         an object being written
+          tmp/fill-<alg>-<hex>.{lock,part,failed}  a blob fetched for the node
+                                            (:mod:`mirror.storage.fills`)
           quarantine/<alg>-<hex>.<time>.<rand>  objects that failed `verify`
 
     Digests reaching here were validated by :class:`Digest`, so no path is
@@ -71,15 +74,33 @@ class BlobWriter:
     or :meth:`abort`. Use from a worker thread, never on the event loop.
     """
 
-    def __init__(self, store: BlobStore, digest: Digest | None, expected_size: int | None) -> None:
+    def __init__(self, store: BlobStore, digest: Digest | None, expected_size: int | None,
+                 temp_path: Path | None = None) -> None:
         self.store = store
         self.digest = digest  # None: learnt later (a push), set it before commit
         self.expected_size = expected_size
-        self.temp_path = store.new_temp_path()
         self._hasher = digest.hasher() if digest is not None else hashlib.sha256()
-        # Unbuffered: readers of the growing temp file use their own fds.
-        self._file = open(self.temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in commit/abort
         self.written = 0
+        if temp_path is None:
+            self.temp_path = store.new_temp_path()
+            # Unbuffered: readers of the growing temp file use their own fds.
+            self._file = open(self.temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+        else:  # a node-wide fill: go on from the bytes an earlier filler left
+            self.temp_path = temp_path
+            self._file = open(self.temp_path, "ab", buffering=0)  # noqa: SIM115 - closed in commit/abort
+            self._rehash()
+
+    def _rehash(self) -> None:
+        """Hash the bytes already in the temp file (a resumed fill)."""
+        with open(self.temp_path, "rb") as existing:
+            while chunk := existing.read(1 << 20):
+                self._hasher.update(chunk)
+                self.written += len(chunk)
+
+    @property
+    def inode(self) -> int:
+        """The temp file's inode: readers of a fill check they follow this one."""
+        return os.fstat(self._file.fileno()).st_ino
 
     def write(self, chunk: bytes) -> int:
         """Append and hash a chunk; returns the total written so far."""
@@ -112,6 +133,11 @@ class BlobWriter:
         except BaseException:
             self.abort()
             raise
+
+    def keep(self) -> None:
+        """Close, leaving the temp file for a later fill to resume from."""
+        if not self._file.closed:
+            self._file.close()
 
     def abort(self) -> None:
         """Drop the temp file; safe to call twice."""
@@ -192,6 +218,9 @@ class BlobStore:
         tmp = self.root / "tmp"
         live = {self.owner} | {p.stem for p in tmp.glob("*.lock") if self._is_locked(p)}
         for entry in tmp.iterdir():
+            if entry.name.startswith(FILL_PREFIX):
+                removed += self._sweep_fill(tmp, entry)
+                continue
             owner = entry.name.rsplit("-", 1)[0] if entry.suffix == ".part" else entry.stem
             if owner in live:
                 continue
@@ -200,6 +229,16 @@ class BlobStore:
         if removed:
             log.info("swept %d leftover temp files", removed)
         return removed
+
+    @staticmethod
+    def _sweep_fill(tmp: Path, entry: Path) -> bool:
+        """A node-wide fill no process holds is removed (under its lock).
+
+        When a worker dies mid-fill, the workers following it take its lock
+        within `fetcher.FOLLOW_POLL` and resume, long before a restarted
+        worker sweeps; a fill nobody followed is swept like any temp file.
+        """
+        return sweep_fill(tmp, entry) and entry.suffix == ".part"
 
     @staticmethod
     def _is_locked(lock_path: Path) -> bool:
@@ -218,6 +257,10 @@ class BlobStore:
     def new_temp_path(self) -> Path:
         """A temp name no other process or fetch can pick."""
         return path_for(self.root, "tmp", name=f"{self.owner}-{secrets.token_hex(8)}.part")
+
+    def fill_writer(self, digest: Digest) -> BlobWriter:
+        """Write (or go on writing) `digest`'s node-wide fill; hold its FillLock first."""
+        return BlobWriter(self, digest, None, fill_paths(self.root / "tmp", digest)[1])
 
     def writer(self, digest: Digest | None, expected_size: int | None = None) -> BlobWriter:
         """Start writing one object (blocking: call from a worker thread).

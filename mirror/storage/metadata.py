@@ -148,6 +148,11 @@ class Metadata:
             self._tags.remember(key, record)
         return record
 
+    async def reload_tag(self, repo: str, tag: str) -> TagRecord | None:
+        """The tag's row as stored now (another worker may have revalidated it)."""
+        self._tags.pop((repo, tag), None)
+        return await self.get_tag(repo, tag)
+
     async def put_tag(self, repo: str, tag: str, record: TagRecord) -> None:
         """Record what upstream said a tag points at, and when."""
         self._tags.remember((repo, tag), record)

@@ -230,8 +230,16 @@ class Quota:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Resolve a percentage quota, load usage, keep the reserve, start housekeeping."""
+    async def start(self, housekeeping: bool = True) -> None:
+        """Resolve a percentage quota, load usage, keep the reserve, start housekeeping.
+
+        Args:
+            housekeeping: run the start-up repair and the background eviction
+                passes (the leader worker only: a node has one background
+                evictor). Every worker still flushes its own access times, and
+                evicts when a fill it admits needs the room.
+        """
+        self.evictor = housekeeping
         if self.cache.max_size_percent is not None:
             total, _free = await self._io(self.disk)
             self.limit = int(total * self.cache.max_size_percent / 100)
@@ -240,7 +248,8 @@ class Quota:
         await self.resync()
         await self._io(self.ensure_reserve)
         self._spawn(self._housekeeping())
-        self._spawn(self._repair())
+        if housekeeping:
+            self._spawn(self._repair())
 
     async def close(self) -> None:
         """Stop housekeeping and any eviction in progress."""
@@ -276,6 +285,8 @@ class Quota:
         await self.metadata.flush_access()
         await self.resync()
         await self._io(self.ensure_reserve)
+        if not getattr(self, "evictor", True):
+            return
         if self.high is not None and self.low is not None and self.used + self.reserved > self.high:
             await self.evict_to(self.low - self.reserved)
 
@@ -421,6 +432,8 @@ class Quota:
         fetch.relay = RelayBuffer(fetch.written, writer._hasher, fetch.size)
         if self.fetcher.inflight.get(fetch.digest) is fetch:
             del self.fetcher.inflight[fetch.digest]  # new requests start a fetch of their own
+        if fetch.fill is not None:
+            fetch.fill.release()  # ... in this worker or another, free to fill it
         self._reserved.pop(fetch, None)
         await self._io(writer.abort)
         if pending:
@@ -453,7 +466,8 @@ class Quota:
 
     def evict_soon(self) -> None:
         """Start one background pass down to the low watermark (if none is running)."""
-        if self.low is None or (self._evicting is not None and not self._evicting.done()):
+        if self.low is None or not getattr(self, "evictor", True) \
+                or (self._evicting is not None and not self._evicting.done()):
             return
         self._evicting = self._spawn(self.evict_to(self.low - self.reserved))
 

@@ -544,7 +544,7 @@ class NodeProcess:
             "storage": {"filesystem": {"rootdirectory": str(self.root / "store")}},
             "http": {"addr": f"{LOOPBACK}:{self.port}"},
             "proxy": {"remoteurl": remote_url},
-            "mirror": {"negative_ttl": "0s", **mirror},
+            "mirror": {"negative_ttl": "0s", "workers": 1, **mirror},
         }
         self.config_path = self.root / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self.config))

@@ -1,0 +1,233 @@
+"""Worker processes: `mirror.workers` copies of the node on one socket, over one store.
+
+With `mirror.workers` above 1, `mirror serve` is a supervisor that serves
+nothing itself. It starts each worker as `python -m mirror serve CONFIG`;
+the environment variable `MIRROR_WORKER=<index>` tells a worker which it is.
+Each worker listens on `http.addr` with its own `SO_REUSEPORT` socket, so the
+kernel spreads connections evenly over them (one shared, inherited socket
+would not: an asyncio worker accepts up to its backlog per wake-up, so one
+busy worker takes a whole burst). The supervisor holds a bound, never
+listening `SO_REUSEPORT` socket on the address: a port already taken fails
+the start at once, and no other program's socket can join the group while
+workers restart. Every worker opens the same store and metadata database (both are
+multi-process safe: fills coordinate through :mod:`mirror.storage.fills`).
+
+Worker 0 is the leader: it alone runs the debug/admin listener, prewarm jobs
+and notifications' work, keep-fresh, the scrub, and quota housekeeping and
+eviction. A leader that dies is restarted as worker 0 and resumes them.
+
+The supervisor restarts a worker that exits unbidden, forwards SIGHUP (reload)
+and SIGTERM/SIGINT (graceful stop within `mirror.shutdown_grace`, then each
+worker's own flush budget; whatever is left is killed), and gives up, stopping
+the others, when workers crash `CRASH_LIMIT` times within `CRASH_WINDOW`
+seconds: a node that cannot stay up must say so, not spin. A worker that exits
+with status 2 (a configuration, key or store-layout error, the same for every
+worker) ends the node at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from mirror.config import Settings
+
+log = logging.getLogger("mirror.workers")
+
+ENV = "MIRROR_WORKER"
+#: Unbidden worker exits tolerated within `CRASH_WINDOW` seconds before the node gives up.
+CRASH_LIMIT = 5
+CRASH_WINDOW = 60.0
+#: A worker's exit status for errors every restart would repeat (config, keys, store layout).
+FATAL_STATUS = 2
+#: Seconds between the supervisor's looks at its workers.
+POLL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """Which worker this process is."""
+
+    index: int
+
+    @property
+    def leader(self) -> bool:
+        """Worker 0 runs the node's single-instance services."""
+        return self.index == 0
+
+
+def current_role() -> WorkerRole | None:
+    """This process's role under a supervisor; None when it is the whole node."""
+    value = os.environ.get(ENV)
+    if not value:
+        return None
+    return WorkerRole(int(value))
+
+
+def is_leader() -> bool:
+    """Whether this process runs the single-instance services (a lone node does)."""
+    role = current_role()
+    return role is None or role.leader
+
+
+def worker_count(settings: Settings) -> int:
+    """`mirror.workers`, with 0 ("auto") resolved to the CPUs this process may run on."""
+    if settings.mirror.workers:
+        return settings.mirror.workers
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def link_share(upstream: Any, count: int) -> Any:
+    """One worker's part of the node's link budget (`mirror.upstream` settings).
+
+    `max_concurrency` and `max_bandwidth` are per node: each of `count`
+    workers gets an equal static share (at least one request, one byte/s).
+    """
+    from dataclasses import replace
+
+    if count <= 1:
+        return upstream
+    concurrency = max(1, upstream.max_concurrency // count) if upstream.max_concurrency else 0
+    bandwidth = max(1, upstream.max_bandwidth // count) if upstream.max_bandwidth else 0
+    return replace(upstream, max_concurrency=concurrency, max_bandwidth=bandwidth)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this worker when its supervisor dies (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Supervisor:
+    """Starts, watches and stops the workers.
+
+    Args:
+        settings: the loaded configuration (bind address, grace).
+        config: the config file the workers load (None: the built-in default).
+        count: how many workers.
+        stop_budget: seconds a worker gets after SIGTERM beyond the grace.
+    """
+
+    def __init__(self, settings: Settings, config: str | None, count: int, stop_budget: float) -> None:
+        self.settings = settings
+        self.config = config
+        self.count = count
+        self.stop_budget = stop_budget
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.crashes: deque[float] = deque()
+        self._stop = False
+        self._hangup = False
+        self._sock: socket.socket | None = None
+
+    def run(self) -> int:
+        """Serve until signalled (0) or until workers keep crashing (1)."""
+        self._sock = self._bind()
+        from mirror.observe.nodetotals import clear
+
+        clear(self.settings.metadata_dir)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hangup)
+        host, port = self.settings.http.bind
+        log.info("supervisor %d: %d workers on %s:%d", os.getpid(), self.count, host, port)
+        status = 0
+        try:
+            for index in range(self.count):
+                self._start(index)
+            status = self._watch()
+        finally:
+            self._stop_all()
+            self._sock.close()
+        log.info("stopped")
+        return status
+
+    def _bind(self) -> socket.socket:
+        """Reserve `http.addr` for the workers' group (bound, not listening: it takes no connection)."""
+        host, port = self.settings.http.bind
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host or "0.0.0.0", port))
+        return sock
+
+    def _start(self, index: int) -> None:
+        assert self._sock is not None
+        argv = [sys.executable, "-m", "mirror", "serve"] + ([self.config] if self.config else [])
+        env = {**os.environ, ENV: str(index)}
+        # SIGHUP is ignored until the worker's loop handles it (reload): an
+        # early reload must not kill a starting worker. SIG_IGN survives exec.
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            process = subprocess.Popen(argv, env=env)
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+        self.workers[index] = process
+        log.info("worker %d started (pid %d)%s", index, process.pid, " as leader" if index == 0 else "")
+
+    def _watch(self) -> int:
+        while not self._stop:
+            if self._hangup:
+                self._hangup = False
+                self._signal_all(signal.SIGHUP)
+            for index, process in list(self.workers.items()):
+                status = process.poll()
+                if status is None or self._stop:
+                    continue
+                if status == FATAL_STATUS:
+                    log.error("worker %d exited with a configuration or store error: stopping the node",
+                              index)
+                    return FATAL_STATUS
+                if self._crashed_too_often():
+                    log.error("workers keep crashing (%d exits within %.0fs; the last: worker %d, "
+                              "status %s): giving up", CRASH_LIMIT, CRASH_WINDOW, index, status)
+                    return 1
+                log.error("worker %d (pid %d) exited with status %s: restarting it",
+                          index, process.pid, status)
+                self._start(index)
+            time.sleep(POLL)
+        return 0
+
+    def _crashed_too_often(self) -> bool:
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and now - self.crashes[0] > CRASH_WINDOW:
+            self.crashes.popleft()
+        return len(self.crashes) >= CRASH_LIMIT
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker; kill those still running after the grace and their budget."""
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.mirror.shutdown_grace + self.stop_budget + 1.0
+        for index, process in self.workers.items():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d (pid %d) did not stop in time: killed", index, process.pid)
+                process.kill()
+                process.wait()
+
+    def _signal_all(self, sig: int) -> None:
+        for process in self.workers.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(sig)
+
+    def _on_stop(self, _sig: int, _frame: Any) -> None:
+        self._stop = True
+
+    def _on_hangup(self, _sig: int, _frame: Any) -> None:
+        self._hangup = True

@@ -1,0 +1,389 @@
+"""Worker processes: `mirror.workers` processes on one socket over one store.
+
+The node runs as a real subprocess (`python -m mirror serve CFG`, through
+:class:`NodeProcess`) in front of the real registry, through a counting,
+shaping relay. The supervisor is the process NodeProcess started; its workers
+are its children. Case IDs as in tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.support import images
+from tests.support import faults as F
+from tests.support.faults import FaultRelay, NodeProcess, check_store, free_port
+from tests.support.images import DOCKER_SCHEMA2
+
+MiB = 1 << 20
+ACCEPT = {"Accept": DOCKER_SCHEMA2}
+
+CASES = {
+    "R-WK-01": "32 clients on separate connections ask a 4-worker node for one cold blob: one upstream "
+               "GET, every body complete and verified",
+    "R-WK-02": "kill -9 of the worker filling a blob while clients of other workers read along: they "
+               "complete through another worker's resumed fetch (a Range from the bytes written) or "
+               "are cut short, never a complete wrong body; the next pull succeeds",
+    "R-WK-03": "a worker killed with SIGKILL is restarted by the supervisor, and the node serves",
+    "R-WK-04": "SIGTERM to the supervisor stops every worker within the shutdown grace",
+    "R-WK-05": "SIGHUP to the supervisor reloads: no worker dies, the node serves",
+    "R-WK-06": "workers that keep crashing: the supervisor gives up with a clear error and exits non-zero",
+    "R-WK-07": "a fill that fails its digest check in one worker: the clients of every worker are cut "
+               "short (none gets a complete wrong body), nothing is published, the next pull succeeds",
+    "R-WK-09": "a tag's TTL runs out while 32 clients of a 4-worker node ask for it: one HEAD upstream "
+               "for the node, every client gets the manifest",
+    "R-WK-10": "/metrics on the leader's debug listener shows node totals: the requests every worker "
+               "served, counted once each",
+    "R-WK-11": "pulls by tag served by every worker count once each in the leader's popularity "
+               "(`/admin/top`), handed over through the on-disk queue",
+    "R-WK-12": "SIGTERM to the one worker filling a blob (shutdown_grace 1s): it leaves the bytes written, "
+               "a follower in another worker resumes them with a Range; no client gets a wrong body",
+    "R-WK-08": "pull-through smoke with 1 and 8 workers: an image's manifest and layers, every blob "
+               "fetched upstream once",
+}
+
+
+def test_every_case_has_a_test() -> None:
+    source = Path(__file__).read_text()
+    for case_id in CASES:
+        assert source.count(f'"{case_id}') >= 2, case_id
+
+
+@pytest.fixture
+def faults(upstream: Any) -> Any:
+    with FaultRelay(upstream.url) as link:
+        yield link
+
+
+def start_node(root: Path, faults: FaultRelay, workers: int, debug_port: int | None = None,
+               **mirror: Any) -> NodeProcess:
+    mirror.setdefault("upstream", {"read_timeout": "10s"})
+    node = NodeProcess(root, faults.url, workers=workers, **mirror)
+    if debug_port is not None:
+        node.config["http"]["debug"] = {"addr": f"127.0.0.1:{debug_port}"}
+        node.config_path.write_text(yaml.safe_dump(node.config))
+    node.start()
+    wait_workers(node, workers)
+    return node
+
+
+def worker_pids(node: NodeProcess) -> list[int]:
+    """The supervisor's live children (its workers)."""
+    path = Path(f"/proc/{node.pid}/task/{node.pid}/children")
+    try:
+        return [int(pid) for pid in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_workers(node: NodeProcess, count: int, timeout: float = 90.0, exclude: set[int] = frozenset()) -> None:
+    """Until `count` workers run and each logged that it serves (none of `exclude`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = set(worker_pids(node))
+        text = node.log_text()
+        serving = {pid for pid in pids if f"(pid {pid}) serving" in text}
+        if len(serving) == count and not pids & exclude:
+            return
+        assert time.monotonic() < deadline, f"workers not up: {pids}, serving {serving}\n{text[-3000:]}"
+        assert node.process.running, node.log_text()[-3000:]
+        time.sleep(0.1)
+
+
+async def wait_until(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def get_blob(url: str, repo: str, digest: str) -> tuple[str, bytes | None]:
+    """One client on its own connection: ("ok", body), or ("cut", None) for a short body."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        try:
+            response = await client.get(f"/v2/{repo}/blobs/{digest}")
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            return "cut", None
+        if response.status_code != 200:
+            return f"status {response.status_code}", None
+        return "ok", response.content
+
+
+def filler_pid(node: NodeProcess, digest: str) -> int | None:
+    algorithm, hex_ = digest.split(":")
+    try:
+        return json.loads((node.store / "tmp" / f"fill-{algorithm}-{hex_}.lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+async def push_layer(upstream: Any, upstream_client: Any, size: int) -> tuple[str, str, bytes]:
+    data = images.make_layer(uuid.uuid4().hex, size, compresslevel=0)
+    repo = f"workers/app-{uuid.uuid4().hex[:8]}"
+    image = await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[data])
+    return repo, image.layers[0][0], data
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-01"])
+async def test_one_upstream_get_for_32_clients_over_4_workers(tmp_path, faults, upstream, upstream_client,
+                                                              case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 4)
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 8 * MiB)
+        faults.rate = 8 * MiB  # a second or so: every client joins while the fill runs
+        results = await asyncio.gather(*(get_blob(node.url, repo, digest) for _ in range(32)))
+        assert [outcome for outcome, _ in results] == ["ok"] * 32
+        assert all(body == data for _, body in results)
+        assert faults.count("GET", f"/blobs/{digest}") == 1
+        assert check_store(node.store, node.metadata_db).objects[digest] == len(data)
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-02"])
+async def test_kill_filling_worker_mid_blob(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 4)
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 8 * MiB)
+        faults.rate = 2 * MiB
+        clients = [asyncio.create_task(get_blob(node.url, repo, digest)) for _ in range(16)]
+        await wait_until(lambda: faults.bytes_sent(f"/blobs/{digest}") >= 2 * MiB)
+        pid = filler_pid(node, digest)
+        assert pid is not None and pid in worker_pids(node), pid
+        os.kill(pid, signal.SIGKILL)
+        faults.rate = 8 * MiB
+        results = await asyncio.wait_for(asyncio.gather(*clients), 120)
+        outcomes = [outcome for outcome, _ in results]
+        assert set(outcomes) <= {"ok", "cut"}, outcomes
+        assert all(body == data for outcome, body in results if outcome == "ok")
+        assert "ok" in outcomes, outcomes  # clients of the other workers got it through the resume
+        gets = [r for r in faults.records if r.method == "GET" and f"/blobs/{digest}" in r.path_qs]
+        assert any((r.request_headers or {}).get("Range", "").startswith("bytes=") and
+                   not (r.request_headers or {}).get("Range", "").startswith("bytes=0-")
+                   for r in gets[1:]), [r.request_headers for r in gets]  # resumed, not refetched
+        assert await get_blob(node.url, repo, digest) == ("ok", data)
+        wait_workers(node, 4, exclude={pid})  # the supervisor restarted the dead worker
+        check = check_store(node.store, node.metadata_db, allow_temp=True)
+        assert check.problems == [], check.problems
+        assert check.objects[digest] == len(data)
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-07"])
+async def test_corrupt_fill_reaches_no_worker_whole(tmp_path, faults, upstream, upstream_client,
+                                                    case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 4)
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 4 * MiB)
+        faults.rate = 4 * MiB
+        faults.inject(F.corrupt(len(data) - 10), method="GET", path=f"/blobs/{digest}", times=1)
+        results = await asyncio.gather(*(get_blob(node.url, repo, digest) for _ in range(16)))
+        assert all(outcome != "ok" or body == data for outcome, body in results), \
+            "a complete wrong body was served"
+        check = check_store(node.store, node.metadata_db, allow_temp=True)  # every object re-hashed
+        assert check.problems == [], check.problems  # a late client's own fetch may have stored it, verified
+        faults.rate = None
+        assert await get_blob(node.url, repo, digest) == ("ok", data)
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-03"])
+async def test_supervisor_restarts_a_killed_worker(tmp_path, faults, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 2)
+    try:
+        victim = worker_pids(node)[-1]
+        os.kill(victim, signal.SIGKILL)
+        wait_workers(node, 2, exclude={victim})
+        assert "restarting it" in node.log_text()
+        async with httpx.AsyncClient(base_url=node.url) as client:
+            for _ in range(8):
+                assert (await client.get("/v2/")).status_code == 200
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-04"])
+def test_sigterm_stops_all_workers_within_the_grace(tmp_path, faults, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 3, shutdown_grace="2s")
+    try:
+        pids = worker_pids(node)
+        started = time.monotonic()
+        node.process.signal(signal.SIGTERM)
+        assert node.process.wait(timeout=2 + 5 + 10) == 0  # grace + flush budget, generous on a loaded box
+        took = time.monotonic() - started
+        assert took < 2 + 5 + 10, took
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                    and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-05"])
+async def test_sighup_kills_no_worker(tmp_path, faults, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 2)
+    try:
+        pids = sorted(worker_pids(node))
+        node.process.signal(signal.SIGHUP)
+        await wait_until(lambda: node.log_text().count("SIGHUP") >= 2, timeout=30)  # each worker reloaded
+        await asyncio.sleep(0.5)
+        assert sorted(worker_pids(node)) == pids
+        assert node.process.running
+        async with httpx.AsyncClient(base_url=node.url) as client:
+            assert (await client.get("/v2/")).status_code == 200
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-06"])
+def test_supervisor_gives_up_on_a_crash_loop(tmp_path, faults, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 2)
+    try:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 60
+        while node.process.running:
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            for pid in worker_pids(node):
+                if pid not in killed:
+                    killed.add(pid)
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        assert node.process.wait(timeout=30) == 1
+        assert "workers keep crashing" in node.log_text()
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("workers", [1, 8], ids=lambda w: f"R-WK-08-{w}workers")
+async def test_pull_through_smoke(tmp_path, faults, upstream, upstream_client, workers) -> None:
+    node = start_node(tmp_path / "node", faults, workers) if workers > 1 else \
+        NodeProcess(tmp_path / "node", faults.url, workers=1).start()
+    try:
+        repo = f"workers/smoke-{uuid.uuid4().hex[:8]}"
+        image = await images.push_image(upstream_client, upstream.url, repo, "v1",
+                                        layers=[MiB, 2 * MiB, 3 * MiB])
+        async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+            manifest = await client.get(f"/v2/{repo}/manifests/v1", headers=ACCEPT)
+            assert manifest.status_code == 200 and manifest.content == image.manifest
+        for digest, data in image.blobs.items():
+            results = await asyncio.gather(*(get_blob(node.url, repo, digest) for _ in range(4)))
+            assert results == [("ok", data)] * 4
+            assert faults.count("GET", f"/blobs/{digest}") == 1, digest
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-09"])
+async def test_one_tag_revalidation_per_node(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 4, tag_ttl="5s")
+    try:
+        repo = f"workers/tag-{uuid.uuid4().hex[:8]}"
+        image = await images.push_image(upstream_client, upstream.url, repo, "v1")
+
+        async def manifest() -> bytes:
+            async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+                response = await client.get(f"/v2/{repo}/manifests/v1", headers=ACCEPT)
+                assert response.status_code == 200, response.text
+                return response.content
+
+        assert await manifest() == image.manifest
+        assert await asyncio.gather(*(manifest() for _ in range(32))) == [image.manifest] * 32  # warm
+        heads = faults.count("HEAD", f"/{repo}/manifests/v1")
+        await asyncio.sleep(5.5)  # the TTL ran out in every worker
+        assert await asyncio.gather(*(manifest() for _ in range(32))) == [image.manifest] * 32
+        assert faults.count("HEAD", f"/{repo}/manifests/v1") - heads == 1  # (a 5 s TTL outlasts the burst)
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-10"])
+async def test_metrics_show_node_totals(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    debug_port = free_port()
+    node = start_node(tmp_path / "node", faults, 4, debug_port=debug_port)
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 64 * 1024)
+        assert await get_blob(node.url, repo, digest) == ("ok", data)
+        results = await asyncio.gather(*(get_blob(node.url, repo, digest) for _ in range(40)))
+        assert results == [("ok", data)] * 40
+
+        async def served() -> float:
+            async with httpx.AsyncClient(timeout=30) as client:
+                text = (await client.get(f"http://127.0.0.1:{debug_port}/metrics")).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("mirror_http_requests_total{") and 'route="blob"' in line
+                       and 'method="GET"' in line)
+
+        deadline = time.monotonic() + 30
+        while (total := await served()) < 41:
+            assert time.monotonic() < deadline, total
+            await asyncio.sleep(0.5)
+        assert total == 41  # each request once: the workers' figures added, none twice
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-11"])
+async def test_pull_counts_reach_the_leader(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    debug_port = free_port()
+    node = start_node(tmp_path / "node", faults, 4, debug_port=debug_port)
+    try:
+        repo = f"workers/popular-{uuid.uuid4().hex[:8]}"
+        image = await images.push_image(upstream_client, upstream.url, repo, "v1")
+
+        async def pull_manifest() -> None:
+            async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+                response = await client.get(f"/v2/{repo}/manifests/v1", headers=ACCEPT)
+                assert response.status_code == 200 and response.content == image.manifest
+
+        await pull_manifest()
+        await asyncio.gather(*(pull_manifest() for _ in range(24)))
+
+        async def pulls() -> int:
+            async with httpx.AsyncClient(timeout=30) as client:
+                top = (await client.get(f"http://127.0.0.1:{debug_port}/admin/top?n=10")).json()["top"]
+            return sum(entry["pulls"] for entry in top if entry["repository"] == repo and entry["tag"] == "v1")
+
+        deadline = time.monotonic() + 30  # the hand-off runs every 5 s
+        while (count := await pulls()) < 25:
+            assert time.monotonic() < deadline, count
+            await asyncio.sleep(0.5)
+        assert count == 25
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-12"])
+async def test_filler_shut_down_leaves_its_bytes(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    node = start_node(tmp_path / "node", faults, 4, shutdown_grace="1s")
+    try:
+        repo, digest, data = await push_layer(upstream, upstream_client, 8 * MiB)
+        faults.rate = 2 * MiB
+        clients = [asyncio.create_task(get_blob(node.url, repo, digest)) for _ in range(16)]
+        await wait_until(lambda: faults.bytes_sent(f"/blobs/{digest}") >= 2 * MiB)
+        pid = filler_pid(node, digest)
+        assert pid is not None and pid in worker_pids(node), pid
+        os.kill(pid, signal.SIGTERM)
+        await wait_until(lambda: pid not in worker_pids(node))  # gone with the fill unfinished
+        faults.rate = 8 * MiB
+        results = await asyncio.wait_for(asyncio.gather(*clients), 120)
+        outcomes = [outcome for outcome, _ in results]
+        assert set(outcomes) <= {"ok", "cut"}, outcomes
+        assert all(body == data for outcome, body in results if outcome == "ok")
+        gets = [r for r in faults.records if r.method == "GET" and f"/blobs/{digest}" in r.path_qs]
+        ranges = [(r.request_headers or {}).get("Range", "") for r in gets[1:]]
+        assert any(r.startswith("bytes=") and not r.startswith("bytes=0-") for r in ranges), ranges
+        assert await get_blob(node.url, repo, digest) == ("ok", data)
+    finally:
+        node.close()
