@@ -44,9 +44,9 @@ from typing import Any, Self
 import httpx
 
 from bench.load import MANIFEST_ACCEPT, job_cold_blob, job_load, job_pull, run_jobs
-from bench.nginx import NginxCache, tree, tree_cpu_seconds, tree_pss
+from bench.nginx import NginxCache, ProcessServer, tree, tree_cpu_seconds, tree_pss
 from tests.support.images import push_image
-from tests.support.procs import ManagedProcess, free_port, wait_http
+from tests.support.procs import ManagedProcess, free_port
 from tests.support.registry import Registry
 from tests.support.relay import Relay
 
@@ -149,7 +149,7 @@ def methods_str(c: Counter[str]) -> str:
 # --------------------------------------------------------------------------- servers
 
 
-class MirrorServer:
+class MirrorServer(ProcessServer):
     """`python -m mirror serve CFG` with a config written into its own directory."""
 
     name = "mirror"
@@ -172,30 +172,6 @@ class MirrorServer:
         self.process = ManagedProcess(
             [sys.executable, "-m", "mirror", "serve", str(self.config_path)],
             env=env, inherit_env=False, cwd=ROOT, log_dir=self.dir, name="mirror")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None
-        return self.process.pid
-
-    def start(self) -> MirrorServer:
-        self.process.start()
-        wait_http(f"{self.url}/v2/", timeout=30, process=self.process)
-        return self
-
-    def restart(self) -> None:
-        self.process.stop()
-        self.start()
-
-    def log_text(self) -> str:
-        return self.process.log_text()
-
-    def close(self) -> None:
-        self.process.stop()
 
 
 class DistProxy:

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Self
 
 from tests.support.procs import ManagedProcess, free_port, wait_http
 from tests.support.relay import Relay
@@ -73,7 +74,42 @@ http {{
 """
 
 
-class NginxCache:
+class ProcessServer:
+    """A server run as one managed process on `self.port` (its children are its workers).
+
+    Subclasses set `process` (a ManagedProcess) and `port`; a restart keeps
+    what the server stored on disk, as it would for an operator.
+    """
+
+    process: ManagedProcess
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def start(self) -> Self:
+        self.process.start()
+        wait_http(f"{self.url}/v2/", timeout=30, process=self.process)
+        return self
+
+    def restart(self) -> None:
+        self.process.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.process.log_text()
+
+    def close(self) -> None:
+        self.process.stop()
+
+
+class NginxCache(ProcessServer):
     """nginx with `proxy_cache` to `relay`, in its own temp dir under `parent`."""
 
     name = "nginx proxy_cache"
@@ -91,30 +127,6 @@ class NginxCache:
                                        "-e", str(self.dir / "error.log")],
                                       log_dir=self.dir, name="nginx")
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None
-        return self.process.pid
-
-    def start(self) -> NginxCache:
-        self.process.start()
-        wait_http(f"{self.url}/v2/", timeout=30, process=self.process)
-        return self
-
-    def restart(self) -> None:
-        """A fresh master and workers; the cache on disk stays (as for the others' stores)."""
-        self.process.stop()
-        self.start()
-
-    def log_text(self) -> str:
-        return self.process.log_text()
-
-    def close(self) -> None:
-        self.process.stop()
 
 
 def tree(pid: int) -> list[int]:
