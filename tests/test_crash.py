@@ -24,6 +24,7 @@ from tests.support import faults as F
 from tests.support import images
 from tests.support.faults import FaultRelay, NodeProcess, check_store
 from tests.support.images import DOCKER_SCHEMA2
+from tests.support.waits import wait_until
 
 MiB = 1 << 20
 ACCEPT = {"Accept": DOCKER_SCHEMA2}
@@ -127,11 +128,6 @@ async def repaired(node: NodeProcess, timeout: float = 30.0) -> Any:
     return assert_consistent(node, allow_temp=False)
 
 
-async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("case_id", ["R-CR-01"])

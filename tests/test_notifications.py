@@ -24,6 +24,7 @@ from tests.support.images import DOCKER_LAYER, DOCKER_SCHEMA2, MANIFEST_ACCEPT
 from tests.support.procs import free_port
 from tests.support.registry import Registry, run_registry
 from tests.support.relay import Relay
+from tests.support.waits import wait_until
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 NOTIFY_TOKEN = "notify-secret-for-tests"  # what the registry holds: /admin/notify only
@@ -41,17 +42,6 @@ async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str
     return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
 
-async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "") -> Any:
-    """Poll `predicate` (sync or async) until it is truthy; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 # -- push notifications in, from a real distribution registry --------------------------------------

@@ -20,6 +20,7 @@ from mirror.ops.prewarm import parse_image
 from mirror.registry.digest import Digest
 from tests.support import images
 from tests.support.images import DOCKER_SCHEMA2, MANIFEST_ACCEPT
+from tests.support.waits import wait_until
 
 
 @pytest.fixture
@@ -194,6 +195,8 @@ async def test_a_pinned_object_purged_and_fetched_again_is_held_again(mirror, ad
     assert await mirror.node.metadata.get_object(Digest.parse(layer)) is None
     async with mirror.client() as client:
         assert (await client.get(f"/v2/{image.repo}/blobs/{layer}")).status_code == 200
+    # The record is written as the fill commits, which may finish just after the client's last byte.
+    await wait_until(lambda: mirror.node.metadata.get_object(Digest.parse(layer)), what="the refetched layer's record")
     assert await mirror.node.metadata.pinned(Digest.parse(layer))
 
 

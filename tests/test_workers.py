@@ -25,6 +25,7 @@ from tests.support import images
 from tests.support import faults as F
 from tests.support.faults import FaultRelay, NodeProcess, check_store, free_port
 from tests.support.images import DOCKER_SCHEMA2
+from tests.support.waits import wait_until
 
 MiB = 1 << 20
 ACCEPT = {"Accept": DOCKER_SCHEMA2}
@@ -101,11 +102,6 @@ def wait_workers(node: NodeProcess, count: int, timeout: float = 90.0, exclude: 
         time.sleep(0.1)
 
 
-async def wait_until(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def get_blob(url: str, repo: str, digest: str) -> tuple[str, bytes | None]:
