@@ -401,6 +401,11 @@ def test_front_config_streams_blobs_and_hashes_on_the_digest() -> None:
     (protocols,) = d["ssl_protocols"]
     assert set(protocols.split()) == {"TLSv1.2", "TLSv1.3"}
     assert d["hash"] == ["$mirror_key consistent"] and "ip_hash" not in d
+    # A node that is restarting: idempotent requests go to the next node (a rolling restart
+    # loses no pull, tests/test_zone_deploy.py); never on the node's own 5xx answers.
+    assert d["proxy_next_upstream"] == ["error timeout"]
+    assert int(d["proxy_next_upstream_tries"][0]) >= len(front_upstream_servers()) == 3
+    assert "non_idempotent" not in d["proxy_next_upstream"][0]
     assert d["listen"] == ["80", "443 ssl"]
     text = FRONT.read_text()
     assert re.search(r"^map \$request_uri \$mirror_key \{", text, re.MULTILINE)
@@ -596,20 +601,46 @@ def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in docs if doc["kind"] == kind]
 
 
-def configmap_settings(docs: list[dict[str, Any]], tmp_path: Path) -> Settings:
+def configmap_settings(
+    docs: list[dict[str, Any]], tmp_path: Path, environ: dict[str, str] | None = None
+) -> Settings:
+    """The ConfigMap's config.yml through the node's loader, with the pod's environment."""
     (configmap,) = of_kind(docs, "ConfigMap")
     path = tmp_path / f"{configmap['metadata']['name']}.yml"
     path.write_text(configmap["data"]["config.yml"])
-    settings = load_settings(path, {})
+    settings = load_settings(path, environ or {})
     assert settings.ignored_keys == () and settings.unknown_keys == ()
     return settings
 
 
+POD_IP = "10.244.1.7"  # what the downward API would give one pod
+ZONE_SECRET = "s3cret-from-the-kubernetes-secret"
+
+
+def pod_environment(container: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: the downward API's
+    ``status.podIP``, ``secretKeyRef`` values from ``secrets`` ((name, key) -> value), and
+    ``$(VAR)`` references to variables defined before."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"]
+            )
+        elif "fieldRef" in var["valueFrom"]:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", var
+            env[var["name"]] = POD_IP
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[(ref["name"], ref["key"])]
+    return env
+
+
 def all_probes() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(kind of probe, container, probe) for every container of both manifests."""
-    for name in ("deployment.yaml", "daemonset.yaml"):
+    for name in ("statefulset.yaml", "daemonset.yaml"):
         for workload in manifests(name):
-            if workload["kind"] in ("Deployment", "DaemonSet"):
+            if workload["kind"] in ("StatefulSet", "DaemonSet"):
                 for container in workload["spec"]["template"]["spec"]["containers"]:
                     for kind in ("livenessProbe", "readinessProbe"):
                         yield kind, container, container[kind]
@@ -648,7 +679,9 @@ def check_workload(
     assert mounts[dockerfile_entrypoint()[-1]]["readOnly"] is True
     assert settings.auth.token is not None and str(settings.auth.token.rootcertbundle) in mounts
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert {m["name"] for m in container["volumeMounts"]} <= volumes.keys()
+    claims = {c["metadata"]["name"] for c in spec.get("volumeClaimTemplates", [])}
+    assert not claims & volumes.keys()
+    assert {m["name"] for m in container["volumeMounts"]} <= volumes.keys() | claims
     (configmap,) = of_kind(docs, "ConfigMap")
     config_volume = volumes[mounts[dockerfile_entrypoint()[-1]]["name"]]
     assert config_volume["configMap"]["name"] == configmap["metadata"]["name"]
@@ -657,39 +690,73 @@ def check_workload(
     return pod
 
 
-def test_kubernetes_deployment_matches_the_node_config(shipped: Settings, tmp_path: Path) -> None:
-    docs = manifests("deployment.yaml")
+def test_kubernetes_statefulset_runs_a_zone(shipped: Settings, tmp_path: Path) -> None:
+    """A StatefulSet of zone nodes: stable identities, a volume each, rolling updates, a
+    headless Service for membership, a Service for clients, a PodDisruptionBudget; the pod's
+    config (ConfigMap + its environment: pod IP, Secret) loads as a zone node."""
+    docs = manifests("statefulset.yaml")
     assert sorted(doc["kind"] for doc in docs) == [
         "ConfigMap",
-        "Deployment",
-        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
         "Service",
+        "Service",
+        "StatefulSet",
     ]
-    settings = configmap_settings(docs, tmp_path)
+    (statefulset,) = of_kind(docs, "StatefulSet")
+    spec = statefulset["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    environ = pod_environment(container, {("mirror-zone", "secret"): ZONE_SECRET})
+    settings = configmap_settings(docs, tmp_path, environ)
 
-    # The embedded config is deploy/config.yml but for the proxies nginx connects from.
-    def without_proxies(s: Settings) -> Settings:
-        return replace(s, mirror=replace(s.mirror, trusted_proxies=()))
+    # The embedded config is deploy/config.yml but for the proxies nginx connects from and
+    # the zone.
+    def without_site(s: Settings) -> Settings:
+        return replace(s, mirror=replace(s.mirror, trusted_proxies=(), zone=None))
 
-    assert without_proxies(settings) == without_proxies(shipped)
-    (deployment,) = of_kind(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two pods on the SQLite
-    pod = check_workload(deployment, docs, settings)
-    # SIGTERM: the drain, the cut and the flush end before the kubelet's SIGKILL.
-    assert settings.mirror.shutdown_grace + FLUSH_BUDGET <= pod["terminationGracePeriodSeconds"]
-    (pvc,) = of_kind(docs, "PersistentVolumeClaim")
-    claims = {
-        v["persistentVolumeClaim"]["claimName"]
-        for v in pod["volumes"]
-        if "persistentVolumeClaim" in v
-    }
-    assert claims == {pvc["metadata"]["name"]}
-    (service,) = of_kind(docs, "Service")
-    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
-    (container,) = pod["containers"]
-    targets = {container_port(container, p["targetPort"]) for p in service["spec"]["ports"]}
-    assert targets == {settings.http.bind[1]}  # clients only; the debug port stays on the pod
+    assert without_site(settings) == without_site(shipped)
+    zone = settings.mirror.zone
+    assert zone is not None
+    assert zone.self_url == f"http://{POD_IP}:{settings.http.bind[1]}"  # the downward API
+    assert zone.secret == ZONE_SECRET  # from the Secret, never in the ConfigMap
+    assert "secret" not in yaml.safe_load(of_kind(docs, "ConfigMap")[0]["data"]["config.yml"])[
+        "mirror"]["zone"]
+
+    assert spec["replicas"] >= 3
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"  # never Recreate: the zone serves
+    assert "strategy" not in spec
+    pod = check_workload(statefulset, docs, settings)
+    # SIGTERM after preStop: the drain, the cut and the flush end before the kubelet's SIGKILL.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    budget = float(pre_stop[1]) + settings.mirror.shutdown_grace + FLUSH_BUDGET
+    assert budget <= pod["terminationGracePeriodSeconds"]
+    # One volume per node, holding the store and the metadata.
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[str(settings.storage.root)] == mounts[str(settings.metadata_dir)]
+    assert mounts[str(settings.storage.root)] == claim["metadata"]["name"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    headless = services[spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    # Membership is the headless Service's DNS name, on the port the nodes listen on.
+    (peers,) = zone.peers
+    peer = urlsplit(peers)
+    assert peer.hostname == headless["metadata"]["name"]
+    assert peer.port == settings.http.bind[1]
+    (clients,) = [s for name, s in services.items() if name != spec["serviceName"]]
+    assert clients["spec"].get("clusterIP") != "None"
+    for service in (headless, clients):
+        assert service["spec"]["selector"].items() <= pod_labels(statefulset).items()
+        targets = {container_port(container, p["targetPort"]) for p in service["spec"]["ports"]}
+        assert targets == {settings.http.bind[1]}  # the debug port stays on the pod
+
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(statefulset).items()
+    assert pdb["spec"]["maxUnavailable"] == 1 < spec["replicas"]
 
 
 def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
@@ -733,7 +800,15 @@ def front_upstream_servers() -> list[str]:
     return re.findall(r"^[ \t]*server (\S+?)(?: [^;]*)?;", block.group(1), re.MULTILINE)
 
 
-def test_compose_wires_nginx_to_the_node(shipped: Settings) -> None:
+def compose_environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment (mapping syntax) plus a stand-in for its env_file's secret."""
+    assert service["env_file"] == "./secrets/zone.env"  # REGISTRY_MIRROR_ZONE_SECRET, not here
+    env = {k: str(v) for k, v in service["environment"].items()}
+    assert "REGISTRY_MIRROR_ZONE_SECRET" not in env
+    return {**env, "REGISTRY_MIRROR_ZONE_SECRET": ZONE_SECRET}
+
+
+def test_compose_runs_a_zone_behind_nginx(shipped: Settings) -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     nginx = services["nginx"]
@@ -754,7 +829,8 @@ def test_compose_wires_nginx_to_the_node(shipped: Settings) -> None:
     assert published == {"443", "80"}
 
     servers = front_upstream_servers()
-    assert servers
+    assert len(servers) == 3  # a 3-node zone behind the front
+    zones, volumes = [], []
     for server in servers:
         host, _, port = server.rpartition(":")
         node = services[host]  # each upstream server is a compose service...
@@ -763,11 +839,25 @@ def test_compose_wires_nginx_to_the_node(shipped: Settings) -> None:
         mounts = compose_volumes(node)
         assert (COMPOSE.parent / mounts[dockerfile_entrypoint()[-1]]).resolve() == CONFIG
         assert str(shipped.storage.root) in mounts and str(shipped.metadata_dir) in mounts
+        volumes += [mounts[str(shipped.storage.root)], mounts[str(shipped.metadata_dir)]]
         assert shipped.auth.token is not None and str(shipped.auth.token.rootcertbundle) in mounts
         assert (
             COMPOSE.parent / node["build"]["context"] / node["build"]["dockerfile"]
         ).resolve() == DOCKERFILE
         assert nginx["depends_on"][host]["condition"] == "service_healthy"
+        # The node's config as the container sees it: deploy/config.yml plus its environment.
+        settings = load_settings(CONFIG, compose_environment(node))
+        assert settings.unknown_keys == () and settings.ignored_keys == ()
+        zone = settings.mirror.zone
+        assert zone is not None and zone.secret == ZONE_SECRET
+        assert zone.self_url == f"http://{server}"  # as its peers reach it
+        zones.append(zone.peers)
+    # Every node knows the whole zone, self included: the nodes nginx sends clients to.
+    assert all(peers == zones[0] for peers in zones)
+    assert sorted(urlsplit(peer).netloc for peer in zones[0]) == sorted(servers)
+    # A store and a metadata volume per node, each declared.
+    assert len(set(volumes)) == len(volumes) == 2 * len(servers)
+    assert set(volumes) <= compose["volumes"].keys()
     assert dockerfile_healthcheck_url()  # what service_healthy waits on
 
 
