@@ -41,7 +41,7 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
     async def node_context(app: web.Application) -> AsyncIterator[None]:
         node = await open_node(settings, transport)
         app[handlers.NODE] = node
-        install_reload(node.access)
+        install_reload(node.access, *([node.zone] if node.zone is not None else []))
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False,
                                      verify=verify_setting()) as token_client:
             offline = _offline_authority(node)
@@ -57,6 +57,9 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
     app.on_response_prepare.append(middleware.add_api_version)
     if settings.http.headers:
         app.on_response_prepare.append(_configured_headers(settings.http.headers))
+    if settings.mirror.zone is not None:  # the peer interface, /zone/v1/ (mirror.zone)
+        from mirror.zone.server import add_routes
+        add_routes(app)
     app.router.add_route("*", TOKEN_PATH, _token)
     app.router.add_route("*", "/v2", middleware.dispatch)
     app.router.add_route("*", r"/v2/{tail:[\s\S]*}", middleware.dispatch)

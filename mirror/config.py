@@ -91,6 +91,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.zone.settings import ZONE_KEYS, zone_settings
+
 __all__ = [
     "AdminSettings",
     "AuthSettings",
@@ -564,6 +566,7 @@ class MirrorSettings:
     names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
     upstreams: tuple[RegistrySettings, ...] = ()  # further registries served by this node (README)
     workers: int = 1  # worker processes serving http.addr; 0 ("auto") = the CPUs available
+    zone: Any = None  # mirror.zone.settings.ZoneSettings; None = the node is alone (mirror.zone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +627,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     notifications: tuple[NotificationEndpoint, ...] = ()
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
+    source: Path | None = None  # the file read (SIGHUP re-reads it: mirror.zone peers)
     ignored_keys: tuple[str, ...] = ()  # accepted by distribution, not used here: warn once
     unknown_keys: tuple[str, ...] = ()  # known to nobody (env ones as "env:NAME"): warn
 
@@ -748,6 +752,7 @@ def _mirror_schema() -> dict[str, Any]:
         "notify": _uses(*_NOTIFY_FIELDS),
         "prefetch": _uses(*_PREFETCH_FIELDS),
         "scrub": _uses(*_SCRUB_FIELDS),
+        "zone": _uses(*ZONE_KEYS),
     }
 
 
@@ -1200,6 +1205,7 @@ def _mirror(root: _Section) -> MirrorSettings:
         notify=_notify(mirror.sub("notify"), mirror.sub("admin")),
         prefetch=mirror.sub("prefetch").build(PrefetchSettings, _PREFETCH_FIELDS),
         scrub=mirror.sub("scrub").build(ScrubSettings, _SCRUB_FIELDS),
+        zone=zone_settings(mirror.sub("zone")),
     )
 
 
@@ -1309,6 +1315,7 @@ def load_settings(
         auth=_auth(root),
         notifications=_notifications(root),
         mirror=_mirror(root),
+        source=Path(path) if path is not None else None,
         ignored_keys=tuple(dict.fromkeys(ignored)),
         unknown_keys=tuple(dict.fromkeys(unknown + env_unknown)),
     )

@@ -7,6 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.auth.controller import AccessController, build_access
@@ -57,6 +58,7 @@ class Node:
     scrubber: Scrubber = field(init=False, repr=False)  # the paced background re-hash of the store
     draining: bool = field(default=False, init=False)  # SIGTERM received: readiness answers 503
     unknown_namespaces: set[str] = field(default_factory=set, init=False, repr=False)  # logged once
+    zone: Any = field(default=None, init=False, repr=False)  # mirror.zone.routing.Zone; None = alone
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -164,11 +166,16 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
         node.scrubber.start()
     node.ops = Operations(node)
     node.ops.start(leader=leader, shared=blobs.fetcher.shared)
+    if mirror.zone is not None:  # per process (each worker routes on its own view): mirror.zone
+        from mirror.zone.routing import open_zone
+        node.zone = await open_zone(settings, node, transport)
     return node
 
 
 async def close_node(node: Node) -> None:
     """Stop fetches, close the pool, flush metadata, release the store."""
+    if node.zone is not None:
+        await node.zone.close()
     await node.ops.close()
     await node.scrubber.close()
     await node.fetcher.close()

@@ -153,6 +153,8 @@ async def blob(request: web.Request, params: dict[str, str]) -> web.StreamRespon
     if source.fd is not None and not await _verified_first(request, node, source):
         source = await node.blobs.open(repo, digest, _credential(request))  # quarantined: refetch
     request[CACHE_OUTCOME] = source.cache
+    if source.relay is not None:  # streamed from the zone's owner of the digest (mirror.zone)
+        return await source.relay.send(request, web.StreamResponse(headers=_blob_headers(digest)))
     if source.fetch is not None and "Range" in request.headers:
         source = await _after_commit(node, repo, source, _credential(request))
     if source.fd is not None:

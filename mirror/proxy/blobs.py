@@ -34,6 +34,7 @@ class BlobSource:
     fd: int | None = None
     fetch: BlobFetch | None = None
     cache: str = "hit"
+    relay: Any = None  # a zone owner's stream (mirror.zone.relay.PeerRelay): neither fd nor fetch
 
 
 class Blobs:
@@ -54,6 +55,7 @@ class Blobs:
         self.upstream = upstream
         self.executor = executor
         self.negative = negative
+        self.zone: Any = None  # mirror.zone.routing.Zone: a miss may be the owner's to fill
 
     def _bound(self, repo: str) -> float:
         """How long a client waits on the registry owning `repo` (its read_timeout); work goes on."""
@@ -73,6 +75,10 @@ class Blobs:
         if local is not None:
             return local
         fetch = self.fetcher.get(digest)
+        if fetch is None and self.zone is not None:
+            routed = await self.zone.open_blob(repo, digest, credential)  # another node owns it
+            if routed is not None:
+                return routed
         if fetch is not None and fetch.repo != repo:
             await self.ensure_linked(repo, digest, credential)
         self.negative.check(("blob", repo, digest))
