@@ -214,9 +214,9 @@ async def timed_gets(port: int, path: str, n: int, headers: dict[str, str] | Non
 
 def owner_of(digest: str, nodes: list[ZoneNode]) -> ZoneNode:
     """The node the zone makes the digest's owner (its own rendezvous order, all peers up)."""
-    from mirror.zone.ring import rank  # the zone's hashing, not a copy of it
+    from mirror.zone.rendezvous import ranked  # the zone's hashing, not a copy of it
 
-    first = rank(digest, [n.url for n in nodes])[0]
+    first = ranked([n.url for n in nodes], digest)[0]
     return next(n for n in nodes if n.url == first)
 
 

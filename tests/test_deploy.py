@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -709,9 +710,9 @@ def test_kubernetes_statefulset_runs_a_zone(shipped: Settings, tmp_path: Path) -
     settings = configmap_settings(docs, tmp_path, environ)
 
     # The embedded config is deploy/config.yml but for the proxies nginx connects from and
-    # the zone.
+    # the zone (and the file it was read from).
     def without_site(s: Settings) -> Settings:
-        return replace(s, mirror=replace(s.mirror, trusted_proxies=(), zone=None))
+        return replace(s, mirror=replace(s.mirror, trusted_proxies=(), zone=None), source=None)
 
     assert without_site(settings) == without_site(shipped)
     zone = settings.mirror.zone
@@ -830,7 +831,7 @@ def test_compose_runs_a_zone_behind_nginx(shipped: Settings) -> None:
 
     servers = front_upstream_servers()
     assert len(servers) == 3  # a 3-node zone behind the front
-    zones, volumes = [], []
+    zones, selves, volumes = [], [], []
     for server in servers:
         host, _, port = server.rpartition(":")
         node = services[host]  # each upstream server is a compose service...
@@ -850,11 +851,18 @@ def test_compose_runs_a_zone_behind_nginx(shipped: Settings) -> None:
         assert settings.unknown_keys == () and settings.ignored_keys == ()
         zone = settings.mirror.zone
         assert zone is not None and zone.secret == ZONE_SECRET
-        assert zone.self_url == f"http://{server}"  # as its peers reach it
+        # As its peers reach it: its fixed address on the compose network, which is what the
+        # peers' entries are (a name would resolve to an address that never equals `self`).
+        address = node["networks"]["zone"]["ipv4_address"]
+        assert ipaddress.ip_address(address) in ipaddress.ip_network(
+            compose["networks"]["zone"]["ipam"]["config"][0]["subnet"])
+        assert zone.self_url == f"http://{address}:{port}"
         zones.append(zone.peers)
+        selves.append(zone.self_url)
     # Every node knows the whole zone, self included: the nodes nginx sends clients to.
     assert all(peers == zones[0] for peers in zones)
-    assert sorted(urlsplit(peer).netloc for peer in zones[0]) == sorted(servers)
+    assert sorted(zones[0]) == sorted(selves)
+    assert "zone" in nginx["networks"]
     # A store and a metadata volume per node, each declared.
     assert len(set(volumes)) == len(volumes) == 2 * len(servers)
     assert set(volumes) <= compose["volumes"].keys()
