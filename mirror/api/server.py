@@ -197,7 +197,9 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     server.pre_shutdown()
     if in_flight.tasks:
         log.info("draining: %d requests in flight, waiting up to %.1fs", len(in_flight.tasks), grace)
+    deadline = asyncio.get_running_loop().time() + grace
     if await in_flight.wait(grace):
+        await _flushed(server, deadline)
         return 0
     cut = len(in_flight.tasks)
     log.warning("shutdown grace (%.1fs) over: cutting %d requests still in flight", grace, cut)
@@ -206,6 +208,24 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     in_flight.cancel()
     await in_flight.wait(CUT_WAIT)
     return cut
+
+
+async def _flushed(server: Any, deadline: float) -> None:
+    """Wait (until `deadline`, loop time) for every connection's queued bytes to reach the kernel.
+
+    A handler is done once its last bytes are *queued* on the transport; the
+    event loop writes them out later. The loop ends soon after the drain, and
+    what is still queued then is never sent: a drained download would lose its
+    tail. The kernel sends what it holds after the process exits.
+    """
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline and any(_queued(c) for c in server.connections):
+        await asyncio.sleep(0.01)
+
+
+def _queued(connection: RequestHandler) -> bool:
+    transport = connection.transport
+    return transport is not None and transport.get_write_buffer_size() > 0
 
 
 def _zero_linger(transport: asyncio.BaseTransport | None) -> None:
