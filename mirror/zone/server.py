@@ -37,8 +37,8 @@ from mirror.zone.routing import ROUTING
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("GET", PREFIX + "/blobs/{digest}", blob)
-    app.router.add_route("GET", PREFIX + "/held/{digest}", held)  # also answers HEAD
+    app.router.add_get(PREFIX + "/blobs/{digest}", blob)  # and HEAD
+    app.router.add_get(PREFIX + "/held/{digest}", held)  # and HEAD
     app.router.add_route("*", PREFIX + r"/{tail:[\s\S]*}", unknown)
 
 
