@@ -40,7 +40,7 @@ ACCEPT = {"Accept": images.DOCKER_SCHEMA2}
 
 CASES = {
     "Z-01": "round-robin over 3 nodes, every blob of an image asked at every node at once: one "
-            "upstream GET per blob zone-wide, every body verified",
+            "upstream GET per blob zone-wide, every body verified; a manifest by digest likewise",
     "Z-02": "a non-owner (keep_copy off) stores nothing: each blob is stored on its owner only",
     "Z-03": "a 4th node joins (peer lists changed, SIGHUP on all): pulling everything again through "
             "every node costs 0 upstream blob bytes (owners copy from peers that hold it)",
@@ -248,8 +248,13 @@ async def test_round_robin_one_fetch_zone_wide_and_owner_only_storage(
         tmp_path: Path, link: FaultRelay, upstream: Any, upstream_client: Any) -> None:
     """Cases "Z-01" and "Z-02"."""
     image = await push(upstream_client, upstream, [MiB, 2 * MiB, 3 * MiB, 512 * 1024])
+    untagged = await images.push_image(upstream_client, upstream.url, image.repo, None, layers=[1000])
     nodes = start_zone(tmp_path, link, 3)
     try:
+        by_digest = await asyncio.gather(*(get(n.url, f"/v2/{image.repo}/manifests/{untagged.digest}",
+                                               headers=ACCEPT) for n in nodes for _ in range(2)))
+        assert all(r.status_code == 200 and r.content == untagged.manifest for r in by_digest)
+        assert link.count("GET", f"/manifests/{untagged.digest}") == 1
         for node in nodes:  # each node resolves the tag itself
             manifest = await get(node.url, f"/v2/{image.repo}/manifests/v1", headers=ACCEPT)
             assert manifest.status_code == 200 and manifest.content == image.manifest

@@ -26,7 +26,9 @@ import httpx
 
 from mirror import errors
 from mirror.registry.digest import Digest
-from mirror.upstream.client import BlobStream, _at_minimum_pace, _blob_stream, raise_for_status
+from mirror.registry import manifest as manifests
+from mirror.upstream.client import (BlobStream, UpstreamManifest, _at_minimum_pace, _blob_stream, _read_capped,
+                                    _verified_digest, raise_for_status)
 from mirror.upstream.credential import Credential
 from mirror.upstream.tls import verify_setting
 from mirror.zone import signing
@@ -54,6 +56,11 @@ def blob_path(digest: Digest, repo: str) -> str:
 def held_path(digest: Digest, repo: str) -> str:
     """A blob by digest only if the peer already stores it (never fetched for this)."""
     return f"{PREFIX}/held/{digest}?repo={quote(repo, safe='/')}"
+
+
+def manifest_path(digest: Digest, repo: str) -> str:
+    """A manifest by digest, as the owner serves it to a client of `repo`."""
+    return f"{PREFIX}/manifests/{digest}?repo={quote(repo, safe='/')}"
 
 
 def credential_headers(credential: Credential) -> dict[str, str]:
@@ -154,6 +161,30 @@ class Peers:
             return
         raise errors.Unavailable("no owner of this blob answered; retry")
 
+    async def get_manifest(self, peer: str, repo: str, digest: Digest, max_size: int,
+                           credential: Credential) -> UpstreamManifest:
+        """A manifest by digest from `peer`, verified here as one from upstream is.
+
+        Raises:
+            PeerUnavailable: the peer is down (now marked so).
+            RegistryError: its answer (MANIFEST_UNKNOWN, UNAUTHORIZED...); 502 on wrong bytes.
+        """
+        path_qs = manifest_path(digest, repo)
+        request = self._client.build_request("GET", f"{peer}{path_qs}",
+                                             headers=self._headers("GET", path_qs, credential))
+        response = await self._send(peer, request)
+        try:
+            await self._raise_for_status(peer, response, errors.ManifestUnknown)
+            try:
+                raw = await _read_capped(response, max_size)
+            except httpx.HTTPError as exc:
+                self.membership.mark_down(peer, f"manifest body broke: {type(exc).__name__}")
+                raise PeerUnavailable(f"peer {peer} broke the stream") from exc
+        finally:
+            await response.aclose()
+        media_type = manifests.detect_media_type(raw, response.headers.get("content-type"))
+        return UpstreamManifest(raw, media_type, _verified_digest(raw, str(digest), None))
+
     async def held(self, peer: str, digest: Digest, repo: str, credential: Credential) -> tuple[int, bool] | None:
         """(size, linked to `repo`) when `peer` stores `digest`; None when it does not or is down."""
         path_qs = held_path(digest, repo)
@@ -179,7 +210,8 @@ class Peers:
             self.membership.mark_down(peer, type(exc).__name__)
             raise PeerUnavailable(f"peer {peer} unavailable") from exc
 
-    async def _raise_for_status(self, peer: str, response: httpx.Response) -> None:
+    async def _raise_for_status(self, peer: str, response: httpx.Response,
+                                not_found: type[errors.RegistryError] = errors.BlobUnknown) -> None:
         if response.status_code == 401 and response.headers.get(REFUSED):
             await response.aread()
             self.metrics.peer_fetches.labels("refused").inc()
@@ -187,4 +219,4 @@ class Peers:
                       "node, and are the clocks within mirror.zone.max_skew?", peer)
             self.membership.mark_down(peer, "refused our signature")
             raise PeerUnavailable(f"peer {peer} refused this node")
-        await raise_for_status(response, errors.BlobUnknown)
+        await raise_for_status(response, not_found)
