@@ -51,6 +51,8 @@ CASES = {
             "gets 404 BLOB_UNKNOWN at the owner and at a non-owner, no content",
     "Z-07": "kill -9 of the owner mid-stream: clients at other nodes get the complete correct body "
             "(resumed from the next owner) or a cut-short one, never a wrong complete body; a retry succeeds",
+    "Z-09": "keep_copy on, one node with 2 worker processes: still one upstream GET per blob zone-wide, "
+            "every node ends up storing every blob it served, bodies verified",
     "Z-08": "a peer DNS name resolving to several addresses: each is a member, re-resolved; a failed "
             "resolution keeps the last addresses",
 }
@@ -391,5 +393,26 @@ async def test_owner_killed_mid_stream(tmp_path: Path, link: FaultRelay, upstrea
         for node in others:  # the retry succeeds
             response = await get(node.url, f"/v2/{image.repo}/blobs/{digest}")
             assert response.status_code == 200 and response.content == image.blobs[digest]
+    finally:
+        stop_all(nodes)
+
+
+async def test_keep_copy_with_workers(tmp_path: Path, link: FaultRelay, upstream: Any,
+                                      upstream_client: Any) -> None:
+    """Case "Z-09": keep_copy on, a node of 2 workers: one upstream GET per blob, copies everywhere."""
+    image = await push(upstream_client, upstream, [MiB, 2 * MiB, 300 * 1024])
+    nodes = [NodeProcess(tmp_path / f"node{i}", link.url, upstream={"read_timeout": "10s"},
+                         workers=2 if i == 0 else 1) for i in range(3)]
+    for node in nodes:
+        zone_config(node, [n.url for n in nodes], keep_copy=True)
+    start_all(nodes)
+    try:
+        await wait_until(lambda: nodes[0].log_text().count(") serving on") >= 2, timeout=60)
+        await pull_everywhere(nodes, image)
+        await pull_everywhere(nodes, image)
+        for digest in image.blobs:
+            assert upstream_gets(link, digest) == 1, digest
+            for node in nodes:
+                await wait_until(lambda n=node, d=digest: stored(n, d), timeout=30)
     finally:
         stop_all(nodes)

@@ -72,7 +72,7 @@ def credential_headers(credential: Credential) -> dict[str, str]:
 
 @dataclass(slots=True)
 class PeerStream(BlobStream):
-    """A peer's blob response: a broken body marks the peer down before the fetcher resumes."""
+    """A peer's blob response: a broken body is PeerUnavailable (the caller resumes, with a Range)."""
 
     peer: str = ""
     peers: Peers | None = None
@@ -90,9 +90,10 @@ class PeerStream(BlobStream):
                     self.peers.metrics.peer_bytes.inc(len(chunk))
                 yield chunk
         except errors.Unavailable as exc:
-            if self.peers is not None:
-                self.peers.membership.mark_down(self.peer, f"stream broke: {exc.message}")
-            raise PeerUnavailable(f"peer {self.peer} broke the stream") from exc
+            # Not marked down here: a live owner also cuts its readers when its own upstream
+            # stalls. The caller asks the same owner again first; a dead one then refuses the
+            # connection and is marked down, and the next owner is asked.
+            raise PeerUnavailable(f"peer {self.peer} broke the stream: {exc.message}") from exc
 
 
 class Peers:
