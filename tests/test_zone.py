@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from aiohttp import web
 
 from mirror.config import ConfigError, load_settings
 from mirror.zone import signing
@@ -31,7 +32,7 @@ from mirror.upstream.credential import Credential
 from mirror.registry.digest import Digest
 from tests.support import images
 from tests.support.faults import FaultRelay, NodeProcess
-from tests.support.procs import wait_http
+from tests.support.procs import free_port, wait_http
 from tests.support.waits import wait_until
 
 MiB = 1 << 20
@@ -48,7 +49,8 @@ CASES = {
     "Z-05": "/zone/ without a signature, with a wrong secret or a stale time: 401 with the spec JSON "
             "body, no content",
     "Z-06": "a client asking through a repository that does not hold a digest cached by another node "
-            "gets 404 BLOB_UNKNOWN at the owner and at a non-owner, no content",
+            "gets 404 BLOB_UNKNOWN at the owner and at a non-owner, no content; one pull event per pull "
+            "upstream did not see, from the node the client reached (none from peer requests)",
     "Z-07": "kill -9 of the owner mid-stream: clients at other nodes get the complete correct body "
             "(resumed from the next owner) or a cut-short one, never a wrong complete body; a retry succeeds",
     "Z-09": "keep_copy on, one node with 2 worker processes: still one upstream GET per blob zone-wide, "
@@ -194,9 +196,13 @@ def zone_config(node: NodeProcess, peers: list[str], secret: str = SECRET, **ext
     node.config_path.write_text(yaml.safe_dump(node.config))
 
 
-def start_zone(root: Path, link: FaultRelay, count: int, **extra: Any) -> list[NodeProcess]:
+def start_zone(root: Path, link: FaultRelay, count: int, events: str | None = None,
+               **extra: Any) -> list[NodeProcess]:
     nodes = [NodeProcess(root / f"node{i}", link.url, upstream={"read_timeout": "10s"}) for i in range(count)]
     for node in nodes:
+        if events is not None:
+            node.config["notifications"] = {"endpoints": [{"name": "central", "url": events,
+                                                           "timeout": "5s", "backoff": "200ms"}]}
         zone_config(node, [n.url for n in nodes], **extra)
     return start_all(nodes)
 
@@ -334,8 +340,32 @@ async def test_peer_interface_refuses_unsigned_and_cross_repository_reads(
     """Cases "Z-05" (401 without the secret) and "Z-06" (no content through a repository without it)."""
     image = await push(upstream_client, upstream, [MiB, 300 * 1024])
     other = await push(upstream_client, upstream, [200 * 1024])
-    nodes = start_zone(tmp_path, link, 3)
+    untagged = await images.push_image(upstream_client, upstream.url, image.repo, None, layers=[900])
+    events: list[dict[str, Any]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        events.extend((await request.json())["events"])
+        return web.Response()
+
+    receiver = web.Application()
+    receiver.router.add_post("/events", receive)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    nodes = start_zone(tmp_path, link, 3, events=f"http://127.0.0.1:{port}/events")
     try:
+        owner = owner_of(nodes, untagged.digest)
+        first, second = [n for n in nodes if n is not owner]
+        path = f"/v2/{image.repo}/manifests/{untagged.digest}"
+        for node in (first, first, second, owner):  # a miss upstream sees, then three hits
+            assert (await get(node.url, path, headers=ACCEPT)).status_code == 200
+        expected = [first.url, second.url, owner.url]  # the node each client reached
+        await wait_until(lambda: len(events) >= 3, timeout=30)
+        await asyncio.sleep(1.0)
+        assert sorted(e["target"]["url"].split("/v2/")[0] for e in events) == sorted(expected)
+        assert link.count("GET", f"/manifests/{untagged.digest}") == 1
+
         await pull_everywhere(nodes, image)
         digest = image.layer_digests[0]
         owner = owner_of(nodes, digest)
@@ -361,6 +391,7 @@ async def test_peer_interface_refuses_unsigned_and_cross_repository_reads(
             assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     finally:
         stop_all(nodes)
+        await runner.cleanup()
 
 
 async def test_owner_killed_mid_stream(tmp_path: Path, link: FaultRelay, upstream: Any,

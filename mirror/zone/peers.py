@@ -44,6 +44,18 @@ REFUSED = "X-Mirror-Zone-Refused"
 LINKED = "X-Mirror-Zone-Linked"
 
 
+#: On a manifest answer: the owner's cache outcome. "hit" means no GET upstream saw this pull,
+#: so the node the client reached sends its pull event (exactly one per pull, zone-wide).
+CACHE = "X-Mirror-Zone-Cache"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerManifest(UpstreamManifest):
+    """A manifest from the owner, with whether upstream saw this request."""
+
+    cache: str = "miss"
+
+
 class PeerUnavailable(errors.Unavailable):  # type: ignore[misc,valid-type]
     """The peer did not answer, broke the stream, or refused us: it is marked down."""
 
@@ -184,7 +196,8 @@ class Peers:
         finally:
             await response.aclose()
         media_type = manifests.detect_media_type(raw, response.headers.get("content-type"))
-        return UpstreamManifest(raw, media_type, _verified_digest(raw, str(digest), None))
+        answered = "hit" if response.headers.get(CACHE) == "hit" else "miss"
+        return PeerManifest(raw, media_type, _verified_digest(raw, str(digest), None), cache=answered)
 
     async def held(self, peer: str, digest: Digest, repo: str, credential: Credential) -> tuple[int, bool] | None:
         """(size, linked to `repo`) when `peer` stores `digest`; None when it does not or is down."""

@@ -33,7 +33,7 @@ from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName
 from mirror.upstream.credential import Credential
 from mirror.zone import signing
-from mirror.zone.peers import LINKED, PREFIX, REFUSED
+from mirror.zone.peers import CACHE, LINKED, PREFIX, REFUSED
 from mirror.zone.routing import ROUTING
 
 
@@ -99,7 +99,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     ROUTING.set(False)
     result = await node.manifests.by_digest(repo, digest, credential)
     request[handlers.CACHE_OUTCOME] = result.cache
-    return web.Response(body=result.raw, headers={"Content-Type": result.media_type,
+    return web.Response(body=result.raw, headers={"Content-Type": result.media_type, CACHE: result.cache,
                                                   "Docker-Content-Digest": str(result.digest)})
 
 
