@@ -176,9 +176,9 @@ async def test_membership_resolves_names_to_several_members_Z08() -> None:
     answers["mirror.zone.svc"] = OSError("resolver down")
     await membership.refresh()
     assert membership.members == ("http://10.1.0.2:5000", "http://10.1.0.4:5000")
-    localhost = Membership(zone(self_url="http://127.0.0.1:5000", peers=("http://localhost:5000",)))
-    await localhost.refresh()  # the real resolver
-    assert "http://127.0.0.1:5000" in localhost.members
+    localhost = Membership(zone(self_url="http://localhost:5000", peers=("http://localhost:5000",)))
+    await localhost.refresh()  # the real resolver; `self` by name becomes its member address
+    assert "http://127.0.0.1:5000" in localhost.members and localhost.self_url in localhost.members
 
 
 # -- processes ------------------------------------------------------------------------------------

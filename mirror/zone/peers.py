@@ -44,6 +44,8 @@ REFUSED = "X-Mirror-Zone-Refused"
 LINKED = "X-Mirror-Zone-Linked"
 
 
+#: Seconds a holder gets to say whether it stores an object (a metadata lookup): a fill waits for it.
+HELD_TIMEOUT = 2.0
 #: On a manifest answer: the owner's cache outcome. "hit" means no GET upstream saw this pull,
 #: so the node the client reached sends its pull event (exactly one per pull, zone-wide).
 CACHE = "X-Mirror-Zone-Cache"
@@ -202,7 +204,8 @@ class Peers:
     async def held(self, peer: str, digest: Digest, repo: str, credential: Credential) -> tuple[int, bool] | None:
         """(size, linked to `repo`) when `peer` stores `digest`; None when it does not or is down."""
         path_qs = held_path(digest, repo)
-        request = self._client.build_request("HEAD", f"{peer}{path_qs}",
+        timeout = httpx.Timeout(HELD_TIMEOUT, connect=self.membership.settings.connect_timeout)
+        request = self._client.build_request("HEAD", f"{peer}{path_qs}", timeout=timeout,
                                              headers=self._headers("HEAD", path_qs, credential))
         try:
             response = await self._send(peer, request)
