@@ -627,7 +627,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     notifications: tuple[NotificationEndpoint, ...] = ()
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
-    source: Path | None = None  # the file read (SIGHUP re-reads it: mirror.zone peers)
+    source: Path | None = field(default=None, compare=False)  # the file read (SIGHUP re-reads mirror.zone)
     ignored_keys: tuple[str, ...] = ()  # accepted by distribution, not used here: warn once
     unknown_keys: tuple[str, ...] = ()  # known to nobody (env ones as "env:NAME"): warn
 

@@ -197,7 +197,8 @@ class Manifests:
             self.negative.remember(key, exc)
             raise
         await self.put(repo, fetched.digest, fetched.raw, fetched.media_type)
-        return ManifestResult(fetched.raw, fetched.media_type, fetched.digest, cache="miss", age=fetched.age)
+        cache = getattr(fetched, "cache", "miss")  # "hit": a zone peer's store answered (mirror.zone)
+        return ManifestResult(fetched.raw, fetched.media_type, fetched.digest, cache=cache, age=fetched.age)
 
     async def put(self, repo: str, digest: Digest, raw: bytes, media_type: str) -> None:
         """Store a verified manifest and link it to `repo`."""

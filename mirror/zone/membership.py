@@ -86,6 +86,7 @@ class Membership:
                 log.warning("zone: cannot resolve peer %s (%s); keeping its last %d address(es)",
                             peer, exc, len(self._resolved.get(peer, ())))
             members.extend(self._resolved.get(peer, ()))
+        await self._resolve_self(members)
         changed = tuple(dict.fromkeys(members)) != self.members
         self.members = tuple(dict.fromkeys(members))
         if self.self_url not in self.members and not self._warned_self:
@@ -97,6 +98,22 @@ class Membership:
             log.info("zone: members %s", ", ".join(self.members))
             if self.on_change is not None:
                 self.on_change(self)
+
+    async def _resolve_self(self, members: list[str]) -> None:
+        """`self` given by name (a StatefulSet pod's DNS name): the member its address makes."""
+        configured = self.settings.self_url
+        host = _host(configured)
+        if _is_address(host) or configured in members:
+            self.self_url = configured
+            return
+        port = urlsplit(configured).port or (443 if configured.startswith("https") else 80)
+        try:
+            addresses = await self.resolver(host, port)
+        except (OSError, UnicodeError):
+            return
+        found = [url for url in (_with_host(configured, a) for a in addresses) if url in members]
+        if found:
+            self.self_url = found[0]
 
     async def reconfigure(self, settings: ZoneSettings) -> None:
         """A new peer list (SIGHUP): resolve it, forget the down marks of peers that left."""

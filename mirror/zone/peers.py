@@ -26,7 +26,9 @@ import httpx
 
 from mirror import errors
 from mirror.registry.digest import Digest
-from mirror.upstream.client import BlobStream, _at_minimum_pace, _blob_stream, raise_for_status
+from mirror.registry import manifest as manifests
+from mirror.upstream.client import (BlobStream, UpstreamManifest, _at_minimum_pace, _blob_stream, _read_capped,
+                                    _verified_digest, raise_for_status)
 from mirror.upstream.credential import Credential
 from mirror.upstream.tls import verify_setting
 from mirror.zone import signing
@@ -40,6 +42,20 @@ PREFIX = "/zone/v1"
 REFUSED = "X-Mirror-Zone-Refused"
 #: On a `held` answer: "1" when the holder links the object to the asked repository.
 LINKED = "X-Mirror-Zone-Linked"
+
+
+#: Seconds a holder gets to say whether it stores an object (a metadata lookup): a fill waits for it.
+HELD_TIMEOUT = 2.0
+#: On a manifest answer: the owner's cache outcome. "hit" means no GET upstream saw this pull,
+#: so the node the client reached sends its pull event (exactly one per pull, zone-wide).
+CACHE = "X-Mirror-Zone-Cache"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerManifest(UpstreamManifest):
+    """A manifest from the owner, with whether upstream saw this request."""
+
+    cache: str = "miss"
 
 
 class PeerUnavailable(errors.Unavailable):  # type: ignore[misc,valid-type]
@@ -56,6 +72,11 @@ def held_path(digest: Digest, repo: str) -> str:
     return f"{PREFIX}/held/{digest}?repo={quote(repo, safe='/')}"
 
 
+def manifest_path(digest: Digest, repo: str) -> str:
+    """A manifest by digest, as the owner serves it to a client of `repo`."""
+    return f"{PREFIX}/manifests/{digest}?repo={quote(repo, safe='/')}"
+
+
 def credential_headers(credential: Credential) -> dict[str, str]:
     headers = {signing.CREDENTIAL: credential.kind}
     if credential.header is not None:
@@ -65,7 +86,7 @@ def credential_headers(credential: Credential) -> dict[str, str]:
 
 @dataclass(slots=True)
 class PeerStream(BlobStream):
-    """A peer's blob response: a broken body marks the peer down before the fetcher resumes."""
+    """A peer's blob response: a broken body is PeerUnavailable (the caller resumes, with a Range)."""
 
     peer: str = ""
     peers: Peers | None = None
@@ -83,9 +104,10 @@ class PeerStream(BlobStream):
                     self.peers.metrics.peer_bytes.inc(len(chunk))
                 yield chunk
         except errors.Unavailable as exc:
-            if self.peers is not None:
-                self.peers.membership.mark_down(self.peer, f"stream broke: {exc.message}")
-            raise PeerUnavailable(f"peer {self.peer} broke the stream") from exc
+            # Not marked down here: a live owner also cuts its readers when its own upstream
+            # stalls. The caller asks the same owner again first; a dead one then refuses the
+            # connection and is marked down, and the next owner is asked.
+            raise PeerUnavailable(f"peer {self.peer} broke the stream: {exc.message}") from exc
 
 
 class Peers:
@@ -154,10 +176,36 @@ class Peers:
             return
         raise errors.Unavailable("no owner of this blob answered; retry")
 
+    async def get_manifest(self, peer: str, repo: str, digest: Digest, max_size: int,
+                           credential: Credential) -> UpstreamManifest:
+        """A manifest by digest from `peer`, verified here as one from upstream is.
+
+        Raises:
+            PeerUnavailable: the peer is down (now marked so).
+            RegistryError: its answer (MANIFEST_UNKNOWN, UNAUTHORIZED...); 502 on wrong bytes.
+        """
+        path_qs = manifest_path(digest, repo)
+        request = self._client.build_request("GET", f"{peer}{path_qs}",
+                                             headers=self._headers("GET", path_qs, credential))
+        response = await self._send(peer, request)
+        try:
+            await self._raise_for_status(peer, response, errors.ManifestUnknown)
+            try:
+                raw = await _read_capped(response, max_size)
+            except httpx.HTTPError as exc:
+                self.membership.mark_down(peer, f"manifest body broke: {type(exc).__name__}")
+                raise PeerUnavailable(f"peer {peer} broke the stream") from exc
+        finally:
+            await response.aclose()
+        media_type = manifests.detect_media_type(raw, response.headers.get("content-type"))
+        answered = "hit" if response.headers.get(CACHE) == "hit" else "miss"
+        return PeerManifest(raw, media_type, _verified_digest(raw, str(digest), None), cache=answered)
+
     async def held(self, peer: str, digest: Digest, repo: str, credential: Credential) -> tuple[int, bool] | None:
         """(size, linked to `repo`) when `peer` stores `digest`; None when it does not or is down."""
         path_qs = held_path(digest, repo)
-        request = self._client.build_request("HEAD", f"{peer}{path_qs}",
+        timeout = httpx.Timeout(HELD_TIMEOUT, connect=self.membership.settings.connect_timeout)
+        request = self._client.build_request("HEAD", f"{peer}{path_qs}", timeout=timeout,
                                              headers=self._headers("HEAD", path_qs, credential))
         try:
             response = await self._send(peer, request)
@@ -179,7 +227,8 @@ class Peers:
             self.membership.mark_down(peer, type(exc).__name__)
             raise PeerUnavailable(f"peer {peer} unavailable") from exc
 
-    async def _raise_for_status(self, peer: str, response: httpx.Response) -> None:
+    async def _raise_for_status(self, peer: str, response: httpx.Response,
+                                not_found: type[errors.RegistryError] = errors.BlobUnknown) -> None:
         if response.status_code == 401 and response.headers.get(REFUSED):
             await response.aread()
             self.metrics.peer_fetches.labels("refused").inc()
@@ -187,4 +236,4 @@ class Peers:
                       "node, and are the clocks within mirror.zone.max_skew?", peer)
             self.membership.mark_down(peer, "refused our signature")
             raise PeerUnavailable(f"peer {peer} refused this node")
-        await raise_for_status(response, errors.BlobUnknown)
+        await raise_for_status(response, not_found)

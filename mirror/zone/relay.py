@@ -4,10 +4,13 @@ The body is hashed as it arrives and the last `HOLD_BACK` bytes are held
 until the whole blob hashed to its digest, as a fill's readers are: a
 mismatch, or an owner that dies with no other to resume from, cuts the
 connection short of `Content-Length`, so the client never gets a complete
-wrong body. When the owner breaks the stream, it is marked down and the
-next owner in rendezvous order is asked for the rest (a Range from the
-bytes already passed); when the next owner would be this node, the
-connection is cut and the client's retry fills here.
+wrong body. When the owner breaks the stream, the owners in rendezvous
+order are asked for the rest (a Range from the
+bytes already passed): the same owner is asked first (it may be alive and
+only have cut its readers because its own upstream stalled), and a dead
+one refuses the connection, is marked down and skipped. When the next
+owner would be this node, the connection is cut and the client's retry
+fills here.
 
 A client's Range is passed to the owner, which answers ranges only from a
 verified object (a fill in flight is waited for first), and relayed as is.
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOLD_BACK = 64 * 1024
+#: Broken owner streams one client's relay resumes from before it gives up (cut short).
+MAX_RESUMES = 3
 
 
 class PeerRelay:
@@ -104,6 +109,7 @@ class PeerRelay:
         hasher = self.digest.hasher()
         passed = 0  # bytes received (hashed), sent or held
         pending = bytearray()
+        resumes = 0
         response.sent = 0  # type: ignore[attr-defined]  # for the access log
         while True:
             assert self.stream is not None
@@ -119,7 +125,8 @@ class PeerRelay:
             except PeerUnavailable:
                 if self.total is not None and passed >= self.total:
                     break
-                if not await self._reopen(passed):
+                resumes += 1
+                if resumes > MAX_RESUMES or not await self._reopen(passed):
                     raise
                 log.info("zone: blob %s resumed at %d bytes from the next owner", self.digest, passed)
         if (self.total is not None and passed != self.total) or hasher.hexdigest() != self.digest.hex:

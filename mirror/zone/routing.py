@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from mirror import errors
 from mirror.registry.digest import Digest
-from mirror.upstream.client import BlobStream
+from mirror.upstream.client import BlobStream, UpstreamManifest
 from mirror.upstream.credential import Credential
 from mirror.zone.membership import Membership, Resolver, resolve_dns
 from mirror.zone.metrics import ZoneMetrics
@@ -155,6 +155,18 @@ class ZoneSource:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.upstream, name)
 
+    async def get_manifest(self, repo: str, reference: str, max_size: int,
+                           credential: Credential) -> UpstreamManifest:
+        """A manifest by digest from its owner (tags are resolved by every node itself)."""
+        if ":" in reference:
+            digest = Digest.parse(reference)
+            for owner in self.zone.remote_owners(digest):
+                try:
+                    return await self.zone.peers.get_manifest(owner, repo, digest, max_size, credential)
+                except PeerUnavailable:
+                    continue
+        return await self.upstream.get_manifest(repo, reference, max_size, credential)
+
     @asynccontextmanager
     async def stream_blob(self, repo: str, digest: Digest, offset: int,
                           credential: Credential) -> AsyncIterator[BlobStream]:
@@ -195,4 +207,5 @@ async def open_zone(settings: Any, node: Any, transport: Any = None) -> Zone:
     await zone.start()
     node.blobs.zone = zone
     node.fetcher.upstream = ZoneSource(node.upstream, zone)
+    node.manifests.upstream = ZoneSource(node.upstream, zone)  # by digest: from the owner
     return zone

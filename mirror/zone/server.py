@@ -6,6 +6,7 @@
 |                                        | now from peers or the link; single ranges supported |
 | `GET/HEAD /zone/v1/held/<digest>?repo=R`  | the blob only if stored here (never fetched);     |
 |                                        | `X-Mirror-Zone-Linked: 1` when linked to R          |
+| `GET /zone/v1/manifests/<digest>?repo=R`  | a manifest by digest, as to a client of R         |
 
 Every request must carry a valid signature (:mod:`mirror.zone.signing`),
 else 401 with the spec's JSON body and `X-Mirror-Zone-Refused: 1`, and no
@@ -32,13 +33,14 @@ from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName
 from mirror.upstream.credential import Credential
 from mirror.zone import signing
-from mirror.zone.peers import LINKED, PREFIX, REFUSED
+from mirror.zone.peers import CACHE, LINKED, PREFIX, REFUSED
 from mirror.zone.routing import ROUTING
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("GET", PREFIX + "/blobs/{digest}", blob)
-    app.router.add_route("GET", PREFIX + "/held/{digest}", held)  # also answers HEAD
+    app.router.add_get(PREFIX + "/blobs/{digest}", blob)  # and HEAD
+    app.router.add_get(PREFIX + "/held/{digest}", held)  # and HEAD
+    app.router.add_get(PREFIX + "/manifests/{digest}", manifest)
     app.router.add_route("*", PREFIX + r"/{tail:[\s\S]*}", unknown)
 
 
@@ -86,6 +88,19 @@ async def blob(request: web.Request) -> web.StreamResponse:
     stalls.watch(request, node.settings.mirror.client_idle_timeout)
     ROUTING.set(False)  # this handler's context only: its fills go to peers holding it, or the link
     return await handlers.blob(request, {"name": repo, "digest": str(digest)})
+
+
+async def manifest(request: web.Request) -> web.StreamResponse:
+    """A manifest by digest, as to a client of R (stored and linked, or fetched now), never routed."""
+    repo, digest, credential = _authenticated(request)
+    node = request.app[handlers.NODE]
+    node.zone.metrics.served.labels("manifests").inc()
+    request[handlers.ROUTE_NAME] = "zone_manifest"
+    ROUTING.set(False)
+    result = await node.manifests.by_digest(repo, digest, credential)
+    request[handlers.CACHE_OUTCOME] = result.cache
+    return web.Response(body=result.raw, headers={"Content-Type": result.media_type, CACHE: result.cache,
+                                                  "Docker-Content-Digest": str(result.digest)})
 
 
 async def held(request: web.Request) -> web.StreamResponse:

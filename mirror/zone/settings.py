@@ -25,7 +25,9 @@ class ZoneSettings:
     peers: tuple[str, ...]  # the whole zone, self included; a host may be a DNS name of several
     secret: str  # authenticates node-to-node requests (HMAC); redacted in repr
     connect_timeout: float = 0.5  # seconds; a peer slower to accept is marked down
-    read_timeout: float = 30.0  # seconds idle between two reads from a peer
+    # seconds idle between two reads from a peer; above mirror.upstream.read_timeout (60s), since an
+    # owner waits that long for upstream's headers before it answers 503 itself
+    read_timeout: float = 70.0
     down_for: float = 15.0  # seconds a peer that failed is skipped
     resolve_interval: float = 30.0  # seconds between DNS re-resolutions of peer names
     keep_copy: bool = False  # a non-owner also stores what it streams from the owner
