@@ -224,10 +224,13 @@ async def every_node_pulls(zone: Zone, pool: list[Image]) -> None:
 
 
 @pytest.mark.usefixtures("nginx_installed")
+@pytest.mark.parametrize("case_ids", [("Z-DEPLOY-01", "Z-DEPLOY-03")],
+                         ids=["Z-DEPLOY-01+Z-DEPLOY-03"])
 async def test_rolling_restart_behind_the_shipped_front_loses_no_pull(
-    upstream: Any, relay: Relay, upstream_client: httpx.AsyncClient, tmp_path: Path, zones: list[Zone]
+    upstream: Any, relay: Relay, upstream_client: httpx.AsyncClient, tmp_path: Path,
+    zones: list[Zone], case_ids: tuple[str, str]
 ) -> None:
-    """Z-DEPLOY-01 and Z-DEPLOY-03 (default zone: a non-owner keeps no copy)."""
+    """Default zone (a non-owner keeps no copy)."""
     pool, slow = await push_images(upstream_client, upstream.url)
     zone = start_zone(tmp_path, relay, make_tls(tmp_path / "tls"))
     zones.append(zone)
@@ -236,7 +239,7 @@ async def test_rolling_restart_behind_the_shipped_front_loses_no_pull(
 
     pulls = await roll(zone, pool, slow)
 
-    # "Z-DEPLOY-01": nothing lost, nothing wrong, no client retried.
+    # Z-DEPLOY-01: nothing lost, nothing wrong, no client retried.
     assert pulls.failures == []
     assert pulls.ok >= 4 * len(zone.nodes)
     # nginx met the stopped nodes (refused connections) and sent those GETs on.
@@ -250,17 +253,19 @@ async def test_rolling_restart_behind_the_shipped_front_loses_no_pull(
     refetched = sorted(d for d, n in gets.items() if n == 2)
     print(f"blobs {len(wanted)}, upstream GETs {sum(gets.values())}, refetched while away: {refetched}")
 
-    # "Z-DEPLOY-03": the zone is whole again: every image through every node, no link bytes.
+    # Z-DEPLOY-03: the zone is whole again: every image through every node, no link bytes.
     relay.reset()
     await every_node_pulls(zone, [*pool, slow])
     assert blob_gets(relay) == Counter()
 
 
 @pytest.mark.usefixtures("nginx_installed")
+@pytest.mark.parametrize("case_id", ["Z-DEPLOY-02"])
 async def test_rolling_restart_with_copies_kept_crosses_the_link_once_per_blob(
-    upstream: Any, relay: Relay, upstream_client: httpx.AsyncClient, tmp_path: Path, zones: list[Zone]
+    upstream: Any, relay: Relay, upstream_client: httpx.AsyncClient, tmp_path: Path,
+    zones: list[Zone], case_id: str
 ) -> None:
-    """Z-DEPLOY-02: mirror.zone.keep_copy, every image warmed through every node first."""
+    """mirror.zone.keep_copy, every image warmed through every node first."""
     pool, slow = await push_images(upstream_client, upstream.url)
     zone = start_zone(tmp_path, relay, make_tls(tmp_path / "tls"), keep_copy=True)
     zones.append(zone)
