@@ -493,3 +493,29 @@ async def test_wrong_bytes_from_a_peer_never_complete_a_body(tmp_path: Path, rel
     finally:
         await node.stop()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("answer", ["connect timeout", "refused signature"])
+async def test_a_peer_that_fails_is_marked_down_and_skipped(answer: str) -> None:
+    """A peer slow to accept, or refusing our signature: PeerUnavailable, down for `down_for`."""
+    from mirror.zone.metrics import ZoneMetrics
+    from mirror.zone.peers import REFUSED, Peers, PeerUnavailable
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if answer == "connect timeout":
+            raise httpx.ConnectTimeout("slow", request=request)
+        return httpx.Response(401, headers={REFUSED: "1"}, json={"errors": []})
+
+    membership = Membership(zone(down_for=30.0))
+    await membership.refresh()
+    peers = Peers(membership, ZoneMetrics(), transport=httpx.MockTransport(handler))
+    digest = Digest.parse("sha256:" + "b" * 64)
+    try:
+        with pytest.raises(PeerUnavailable):
+            async with peers.stream_blob(PEERS[1], blob_path(digest, "app"), digest, 0, Credential.node()):
+                pass
+        assert membership.is_down(PEERS[1]) and PEERS[1] not in membership.live()
+        assert await peers.held(PEERS[2], digest, "app", Credential.node()) is None
+        assert membership.is_down(PEERS[2])
+    finally:
+        await peers.aclose()
