@@ -55,6 +55,8 @@ CASES = {
             "(resumed from the next owner) or a cut-short one, never a wrong complete body; a retry succeeds",
     "Z-09": "keep_copy on, one node with 2 worker processes: still one upstream GET per blob zone-wide, "
             "every node ends up storing every blob it served, bodies verified",
+    "Z-10": "an owner sends bytes that do not match the digest: the client at the non-owner is cut "
+            "short of Content-Length, nothing is stored",
     "Z-08": "a peer DNS name resolving to several addresses: each is a member, re-resolved; a failed "
             "resolution keeps the last addresses",
 }
@@ -447,3 +449,73 @@ async def test_keep_copy_with_workers(tmp_path: Path, link: FaultRelay, upstream
                 await wait_until(lambda n=node, d=digest: stored(n, d), timeout=30)
     finally:
         stop_all(nodes)
+
+
+async def test_wrong_bytes_from_a_peer_never_complete_a_body(tmp_path: Path, relay: Any) -> None:
+    """Case "Z-10": an owner (a fake, for the fault) sends bytes that do not match the digest:
+    the client is cut short of Content-Length, nothing is stored."""
+    from tests.conftest import MirrorNode, mirror_config
+
+    port, fake_port = free_port(), free_port()
+    me, fake = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{fake_port}"
+    body = b""
+    for i in range(1000):  # content the fake peer owns
+        body = os.urandom(512 * 1024)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if ranked([me, fake], digest)[0] == fake:
+            break
+    asked: list[str] = []
+
+    async def wrong(request: web.Request) -> web.StreamResponse:
+        asked.append(request.path)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:-1] + bytes([body[-1] ^ 1]))  # one bit off, at the very end
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/zone/v1/blobs/{digest}", wrong)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", fake_port).start()
+    config = mirror_config(tmp_path, relay.url, zone={"self": me, "peers": [me, fake], "secret": SECRET})
+    node = MirrorNode(config, tmp_path / "config.yml")
+    node.port = port
+    await node.start()
+    try:
+        async with node.client() as client:
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                await client.get(f"/v2/zone/app/blobs/{digest}")
+        assert asked == [f"/zone/v1/blobs/{digest}"]
+        assert not list((tmp_path / "store").rglob(digest.split(":")[1]))
+    finally:
+        await node.stop()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("answer", ["connect timeout", "refused signature"])
+async def test_a_peer_that_fails_is_marked_down_and_skipped(answer: str) -> None:
+    """A peer slow to accept, or refusing our signature: PeerUnavailable, down for `down_for`."""
+    from mirror.zone.metrics import ZoneMetrics
+    from mirror.zone.peers import REFUSED, Peers, PeerUnavailable
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if answer == "connect timeout":
+            raise httpx.ConnectTimeout("slow", request=request)
+        return httpx.Response(401, headers={REFUSED: "1"}, json={"errors": []})
+
+    membership = Membership(zone(down_for=30.0))
+    await membership.refresh()
+    peers = Peers(membership, ZoneMetrics(), transport=httpx.MockTransport(handler))
+    digest = Digest.parse("sha256:" + "b" * 64)
+    try:
+        with pytest.raises(PeerUnavailable):
+            async with peers.stream_blob(PEERS[1], blob_path(digest, "app"), digest, 0, Credential.node()):
+                pass
+        assert membership.is_down(PEERS[1]) and PEERS[1] not in membership.live()
+        assert await peers.held(PEERS[2], digest, "app", Credential.node()) is None
+        assert membership.is_down(PEERS[2])
+    finally:
+        await peers.aclose()

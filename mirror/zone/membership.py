@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from mirror.zone.rendezvous import ranked
@@ -179,7 +179,3 @@ class Membership:
 
 def _host(url: str) -> str:
     return urlsplit(url).hostname or ""
-
-
-def members_of(urls: Iterable[str]) -> tuple[str, ...]:
-    return tuple(normalized(u) for u in urls)

@@ -86,8 +86,13 @@ async def blob(request: web.Request) -> web.StreamResponse:
     request[handlers.ROUTE_NAME] = "zone_blob"
     request[handlers.UPSTREAM_CREDENTIAL] = credential
     stalls.watch(request, node.settings.mirror.client_idle_timeout)
-    ROUTING.set(False)  # this handler's context only: its fills go to peers holding it, or the link
-    return await handlers.blob(request, {"name": repo, "digest": str(digest)})
+    # Not routed again: its fill goes to a peer holding it, or the link. Reset after, since
+    # aiohttp runs a keep-alive connection's requests in one task (one context).
+    token = ROUTING.set(False)
+    try:
+        return await handlers.blob(request, {"name": repo, "digest": str(digest)})
+    finally:
+        ROUTING.reset(token)
 
 
 async def manifest(request: web.Request) -> web.StreamResponse:
@@ -96,8 +101,11 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     node = request.app[handlers.NODE]
     node.zone.metrics.served.labels("manifests").inc()
     request[handlers.ROUTE_NAME] = "zone_manifest"
-    ROUTING.set(False)
-    result = await node.manifests.by_digest(repo, digest, credential)
+    token = ROUTING.set(False)
+    try:
+        result = await node.manifests.by_digest(repo, digest, credential)
+    finally:
+        ROUTING.reset(token)
     request[handlers.CACHE_OUTCOME] = result.cache
     return web.Response(body=result.raw, headers={"Content-Type": result.media_type, CACHE: result.cache,
                                                   "Docker-Content-Digest": str(result.digest)})
