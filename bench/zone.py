@@ -192,7 +192,8 @@ async def fan_in(base: str, images: ImageSet, clients: int, verify: ssl.SSLConte
     return sum(await asyncio.gather(*(one(k) for k in range(clients))))
 
 
-async def timed_gets(port: int, path: str, n: int, headers: dict[str, str] | None = None) -> list[float]:
+async def timed_gets(port: int, path: str, n: int,
+                     headers: dict[str, str] | None = None) -> list[float]:
     """Seconds per GET, `n` sequential GETs on one keep-alive connection (after 5 warm-ups)."""
     client = RawClient(port)
     times = []
@@ -277,7 +278,8 @@ class ZoneBench:
     def cpu(self) -> float:
         return sum(tree_cpu_seconds(n.pid) for n in self.nodes)
 
-    def fan_in(self, base: str, images: ImageSet, verify: ssl.SSLContext | bool) -> tuple[str, float]:
+    def fan_in(self, base: str, images: ImageSet,
+               verify: ssl.SSLContext | bool) -> tuple[str, float]:
         self.relay.reset()
         cpu, t = self.cpu(), time.monotonic()
         received = asyncio.run(fan_in(base, images, self.p.clients, verify))
@@ -296,7 +298,8 @@ class ZoneBench:
     def z1(self) -> None:
         progress("Z1: fan-in through round-robin (set A) and the shipped front (set B)")
         rr, ratio_rr = self.fan_in(self.rr.url, self.set_a, False)
-        front, ratio_front = self.fan_in(f"https://localhost:{self.front_port}", self.set_b, self.tls)
+        front_url = f"https://localhost:{self.front_port}"
+        front, ratio_front = self.fan_in(front_url, self.set_b, self.tls)
         met = "✅" if max(ratio_rr, ratio_front) <= 1.0 + 1e-9 else "❌"
         self.out.rows.append((f"Z1. zone-wide upstream blob bytes / unique blob bytes, "
                               f"{self.p.clients} clients pulling every image at once, cold",

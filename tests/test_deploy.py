@@ -617,7 +617,9 @@ POD_IP = "10.244.1.7"  # what the downward API would give one pod
 ZONE_SECRET = "s3cret-from-the-kubernetes-secret"
 
 
-def pod_environment(container: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+def pod_environment(
+    container: dict[str, Any], secrets: dict[tuple[str, str], str]
+) -> dict[str, str]:
     """The container's environment as the kubelet builds it: the downward API's
     ``status.podIP``, ``secretKeyRef`` values from ``secrets`` ((name, key) -> value), and
     ``$(VAR)`` references to variables defined before."""

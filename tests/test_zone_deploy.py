@@ -39,12 +39,14 @@ from tests.support.waits import wait_until
 from tests.test_deploy import FRONT, node_config_from_shipped
 
 CASES = {
-    "Z-DEPLOY-01": "rolling restart of 3 zone nodes behind the shipped nginx front (SIGTERM, restart, "
+    "Z-DEPLOY-01": "rolling restart of 3 zone nodes behind the shipped nginx front (SIGTERM, "
+                   "restart, "
                    "one node at a time) while clients pull continuously with no retries of their "
                    "own: every pull completes with verified content; each node drained a download "
                    "in flight and exited 0; nginx routed around the stopped node; a blob crosses "
                    "the link at most once more, only while its one holder was away",
-    "Z-DEPLOY-02": "the same roll with mirror.zone.keep_copy and every node warmed: no blob crosses "
+    "Z-DEPLOY-02": "the same roll with mirror.zone.keep_copy and every node warmed: no blob "
+                   "crosses "
                    "the link again (one upstream GET per blob in all)",
     "Z-DEPLOY-03": "after the roll every image pulled through every node directly: no upstream "
                    "blob GET",
@@ -135,7 +137,8 @@ async def push_images(client: httpx.AsyncClient, url: str) -> tuple[list[Image],
 
 async def pull_verified(client: httpx.AsyncClient, image: Image) -> None:
     """A client's pull: the manifest by tag, then every blob, each checked; no retries."""
-    r = await client.get(f"/v2/{image.repo}/manifests/{image.tag}", headers={"Accept": MANIFEST_ACCEPT})
+    r = await client.get(f"/v2/{image.repo}/manifests/{image.tag}",
+                         headers={"Accept": MANIFEST_ACCEPT})
     assert r.status_code == 200 and r.content == image.manifest, (r.status_code, r.text[:200])
     for digest in image.blobs:
         r = await client.get(f"/v2/{image.repo}/blobs/{digest}")
@@ -150,7 +153,8 @@ class Pulls:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def keep_pulling(base: str, tls: ssl.SSLContext, pool: list[Image], pulls: Pulls, k: int) -> None:
+async def keep_pulling(base: str, tls: ssl.SSLContext, pool: list[Image], pulls: Pulls,
+                       k: int) -> None:
     async with httpx.AsyncClient(base_url=base, verify=tls, timeout=60, trust_env=False) as client:
         i = k
         while not pulls.stop.is_set():
@@ -251,7 +255,8 @@ async def test_rolling_restart_behind_the_shipped_front_loses_no_pull(
     wanted = {d for image in [*pool, slow] for d in image.blobs}
     assert set(gets) <= wanted and max(gets.values()) <= 2, gets
     refetched = sorted(d for d, n in gets.items() if n == 2)
-    print(f"blobs {len(wanted)}, upstream GETs {sum(gets.values())}, refetched while away: {refetched}")
+    print(f"blobs {len(wanted)}, upstream GETs {sum(gets.values())}, "
+          f"refetched while away: {refetched}")
 
     # Z-DEPLOY-03: the zone is whole again: every image through every node, no link bytes.
     relay.reset()
@@ -278,4 +283,5 @@ async def test_rolling_restart_with_copies_kept_crosses_the_link_once_per_blob(
 
     assert pulls.failures == []
     assert pulls.ok >= 4 * len(zone.nodes)
-    assert blob_gets(relay) == Counter({d: 1 for d in wanted}), f"roll took {time.monotonic() - started:.0f}s"
+    took = f"roll took {time.monotonic() - started:.0f}s"
+    assert blob_gets(relay) == Counter({d: 1 for d in wanted}), took
