@@ -373,7 +373,7 @@ class ZoneBench:
             self.out.rows.append((
                 f"Z3. {label}, one client, sequential, median of {n}",
                 f"owner {at_owner:.2f} ms, non-owner {at_other:.2f} ms",
-                f"hop +{at_other - at_owner:.2f} ms/request ({at_other / at_owner:.1f}x)",
+                f"hop {at_other - at_owner:+.2f} ms/request ({at_other / at_owner:.1f}x)",
                 "stated"))
         self.relay.reset()
 
