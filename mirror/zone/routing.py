@@ -57,6 +57,10 @@ class Zone:
         self.membership.on_change = self._count_members
         self.peers = Peers(self.membership, self.metrics, transport)
         self.source: Any = None  # the config file SIGHUP re-reads (Settings.source)
+        # This node's fill, for a relay whose owners before this node all died (open_zone sets them).
+        self.fetcher: Any = None
+        self.store: Any = None
+        self.executor: Any = None
         self._reloads: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -206,6 +210,7 @@ async def open_zone(settings: Any, node: Any, transport: Any = None) -> Zone:
     zone.source = settings.source
     await zone.start()
     node.blobs.zone = zone
+    zone.fetcher, zone.store, zone.executor = node.fetcher, node.store, node.executor
     node.fetcher.upstream = ZoneSource(node.upstream, zone)
     node.manifests.upstream = ZoneSource(node.upstream, zone)  # by digest: from the owner
     return zone
