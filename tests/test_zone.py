@@ -41,7 +41,8 @@ ACCEPT = {"Accept": images.DOCKER_SCHEMA2}
 
 CASES = {
     "Z-01": "round-robin over 3 nodes, every blob of an image asked at every node at once: one "
-            "upstream GET per blob zone-wide, every body verified; a manifest by digest likewise",
+            "upstream GET per blob zone-wide, every body verified; a manifest by digest likewise; blob "
+            "HEADs at every node answered from the owner's store (no upstream HEAD)",
     "Z-02": "a non-owner (keep_copy off) stores nothing: each blob is stored on its owner only",
     "Z-03": "a 4th node joins (peer lists changed, SIGHUP on all): pulling everything again through "
             "every node costs 0 upstream blob bytes (owners copy from peers that hold it)",
@@ -236,6 +237,11 @@ async def get(url: str, path: str, **kwargs: Any) -> httpx.Response:
         return await client.get(path, **kwargs)
 
 
+async def _head(url: str, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await client.head(path)
+
+
 async def pull_everywhere(nodes: list[NodeProcess], image: Any) -> None:
     """Every blob at every node, all at once; each body must hash to its digest."""
     jobs = [(node, digest) for node in nodes for digest in image.blobs]
@@ -270,6 +276,11 @@ async def test_round_robin_one_fetch_zone_wide_and_owner_only_storage(
             assert manifest.status_code == 200 and manifest.content == image.manifest
         await pull_everywhere(nodes, image)  # Z-01: concurrently, every blob at every node
         await pull_everywhere(nodes, image)  # and again, round robin: all from the owners
+        heads = await asyncio.gather(*(_head(n.url, f"/v2/{image.repo}/blobs/{d}") for n in nodes
+                                       for d in image.blobs))
+        assert all(r.status_code == 200 and r.headers["Content-Length"] == str(len(image.blobs[d]))
+                   for r, d in zip(heads, [d for _ in nodes for d in image.blobs], strict=True))
+        assert link.count("HEAD", "/blobs/") == 0  # a HEAD anywhere is answered by the owner's store
         for digest in image.blobs:
             assert upstream_gets(link, digest) == 1, digest
             owner = owner_of(nodes, digest)  # Z-02: stored on the owner only

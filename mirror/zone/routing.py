@@ -123,6 +123,19 @@ class Zone:
         self.metrics.relayed.inc()
         return BlobSource(digest, relay.total, cache="peer", relay=relay)
 
+    async def stat_blob(self, repo: str, digest: Digest, credential: Credential) -> BlobSource | None:
+        """A HEAD this node cannot answer: asked of the owner (its store and links, else
+        upstream's HEAD, once); None when this node owns it or no owner answers."""
+        from mirror.proxy.blobs import BlobSource
+
+        for owner in self.remote_owners(digest):
+            try:
+                size = await self.peers.head_blob(owner, blob_path(digest, repo), credential)
+            except PeerUnavailable:
+                continue
+            return BlobSource(digest, size, cache="peer")
+        return None
+
     async def holder(self, repo: str, digest: Digest, credential: Credential) -> str | None:
         """A live peer that stores `digest` and may serve it for `repo`, asked all at once.
 
