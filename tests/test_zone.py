@@ -58,6 +58,8 @@ CASES = {
             "every node ends up storing every blob it served, bodies verified",
     "Z-10": "an owner sends bytes that do not match the digest: the client at the non-owner is cut "
             "short of Content-Length, nothing is stored",
+    "Z-11": "SIGTERM to the owner while clients at the other nodes read a blob it is filling: it drains "
+            "first, every client gets the complete verified body; then its keys move and pulls succeed",
     "Z-08": "a peer DNS name resolving to several addresses: each is a member, re-resolved; a failed "
             "resolution keeps the last addresses",
 }
@@ -530,3 +532,28 @@ async def test_a_peer_that_fails_is_marked_down_and_skipped(answer: str) -> None
         assert membership.is_down(PEERS[2])
     finally:
         await peers.aclose()
+
+
+async def test_owner_sigterm_drains_first(tmp_path: Path, link: FaultRelay, upstream: Any,
+                                          upstream_client: Any) -> None:
+    """Case "Z-11": SIGTERM to the owner mid-fill: its peer requests finish (shutdown_grace)."""
+    image = await push(upstream_client, upstream, [8 * MiB])
+    digest = image.layer_digests[0]
+    nodes = start_zone(tmp_path, link, 3)
+    try:
+        owner = owner_of(nodes, digest)
+        others = [n for n in nodes if n is not owner]
+        link.rate = 3 * MiB
+        clients = [asyncio.create_task(get(n.url, f"/v2/{image.repo}/blobs/{digest}")) for n in others]
+        await wait_until(lambda: link.bytes_sent(f"/blobs/{digest}") > MiB, timeout=60)
+        os.kill(owner.pid, signal.SIGTERM)
+        for response in await asyncio.gather(*clients):
+            assert response.status_code == 200 and response.content == image.blobs[digest]
+        await asyncio.to_thread(owner.process.wait, 60)
+        link.rate = None
+        for node in others:  # its keys moved: the next owner serves
+            response = await get(node.url, f"/v2/{image.repo}/blobs/{digest}")
+            assert response.status_code == 200 and response.content == image.blobs[digest]
+        assert upstream_gets(link, digest) <= 2  # the drained owner's fill, then the next owner's
+    finally:
+        stop_all(nodes)
