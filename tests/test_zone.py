@@ -60,6 +60,8 @@ CASES = {
             "short of Content-Length, nothing is stored",
     "Z-11": "SIGTERM to the owner while clients at the other nodes read a blob it is filling: it drains "
             "first, every client gets the complete verified body; then its keys move and pulls succeed",
+    "Z-12": "htpasswd on every node: a blob cached through one node is refused 401 (JSON, no content) "
+            "at every node to a client without credentials or with a wrong password; the user gets it",
     "Z-08": "a peer DNS name resolving to several addresses: each is a member, re-resolved; a failed "
             "resolution keeps the last addresses",
 }
@@ -555,5 +557,36 @@ async def test_owner_sigterm_drains_first(tmp_path: Path, link: FaultRelay, upst
             response = await get(node.url, f"/v2/{image.repo}/blobs/{digest}")
             assert response.status_code == 200 and response.content == image.blobs[digest]
         assert upstream_gets(link, digest) <= 2  # the drained owner's fill, then the next owner's
+    finally:
+        stop_all(nodes)
+
+
+async def test_client_authorization_stays_at_the_node_reached(tmp_path: Path, link: FaultRelay, upstream: Any,
+                                                              upstream_client: Any) -> None:
+    """Case "Z-12": a client without rights gets nothing from the zone's cache, at any node."""
+    import bcrypt
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"puller:{bcrypt.hashpw(b'right', bcrypt.gensalt(4)).decode()}\n")
+    image = await push(upstream_client, upstream, [600 * 1024])
+    digest = image.layer_digests[0]
+    nodes = [NodeProcess(tmp_path / f"node{i}", link.url) for i in range(3)]
+    for node in nodes:
+        node.config["auth"] = {"htpasswd": {"realm": "zone", "path": str(htpasswd)}}
+        zone_config(node, [n.url for n in nodes])
+    start_all(nodes)
+    try:
+        path = f"/v2/{image.repo}/blobs/{digest}"
+        first = await get(nodes[0].url, path, auth=("puller", "right"))
+        assert first.status_code == 200 and first.content == image.blobs[digest]
+        for node in nodes:
+            for auth in (None, ("puller", "wrong"), ("stranger", "right")):
+                response = await get(node.url, path, auth=auth)
+                assert response.status_code == 401, (node.url, auth, response.status_code)
+                assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+                assert image.blobs[digest][:64] not in response.content
+            allowed = await get(node.url, path, auth=("puller", "right"))
+            assert allowed.status_code == 200 and allowed.content == image.blobs[digest]
+        assert upstream_gets(link, digest) == 1
     finally:
         stop_all(nodes)
