@@ -62,6 +62,8 @@ CASES = {
             "first, every client gets the complete verified body; then its keys move and pulls succeed",
     "Z-12": "htpasswd on every node: a blob cached through one node is refused 401 (JSON, no content) "
             "at every node to a client without credentials or with a wrong password; the user gets it",
+    "Z-13": "a peer request's credential is the one upstream receives for it: the client's own "
+            "Authorization header when the reaching node said `client`, none of it when `node`",
     "Z-08": "a peer DNS name resolving to several addresses: each is a member, re-resolved; a failed "
             "resolution keeps the last addresses",
 }
@@ -590,3 +592,31 @@ async def test_client_authorization_stays_at_the_node_reached(tmp_path: Path, li
         assert upstream_gets(link, digest) == 1
     finally:
         stop_all(nodes)
+
+
+async def test_the_forwarded_credential_is_what_goes_upstream(tmp_path: Path, relay: Any, upstream: Any,
+                                                              upstream_client: Any) -> None:
+    """Case "Z-13": the owner fetches with exactly the credential the reaching node chose."""
+    from tests.conftest import MirrorNode, mirror_config
+
+    image = await push(upstream_client, upstream, [100 * 1024, 120 * 1024])
+    port = free_port()
+    me = f"http://127.0.0.1:{port}"
+    node = MirrorNode(mirror_config(tmp_path, relay.url, zone={"self": me, "peers": [me], "secret": SECRET}),
+                      tmp_path / "config.yml")
+    node.port = port
+    await node.start()
+    try:
+        for (digest, _body), credential in zip(image.layers, (Credential.client("Bearer the-clients-own"),
+                                                             Credential.node()), strict=True):
+            path = blob_path(Digest.parse(digest), image.repo)
+            headers = credential_headers(credential)
+            headers |= signing.sign(SECRET, "GET", path, headers)
+            response = await get(me, path, headers=headers)
+            assert response.status_code == 200 and response.content == image.blobs[digest]
+            sent = [r.request_headers or {} for r in relay.records if r.method == "GET" and digest in r.path_qs]
+            assert len(sent) == 1
+            authorization = {k.lower(): v for k, v in sent[0].items()}.get("authorization")
+            assert authorization == credential.header  # the client's header, or none for the node's
+    finally:
+        await node.stop()
