@@ -42,7 +42,7 @@ ACCEPT = {"Accept": images.DOCKER_SCHEMA2}
 CASES = {
     "Z-01": "round-robin over 3 nodes, every blob of an image asked at every node at once: one "
             "upstream GET per blob zone-wide, every body verified; a manifest by digest likewise; blob "
-            "HEADs at every node answered from the owner's store (no upstream HEAD)",
+            "HEADs and ranges at every node answered from the owner's store (no upstream request)",
     "Z-02": "a non-owner (keep_copy off) stores nothing: each blob is stored on its owner only",
     "Z-03": "a 4th node joins (peer lists changed, SIGHUP on all): pulling everything again through "
             "every node costs 0 upstream blob bytes (owners copy from peers that hold it)",
@@ -287,6 +287,11 @@ async def test_round_robin_one_fetch_zone_wide_and_owner_only_storage(
         assert all(r.status_code == 200 and r.headers["Content-Length"] == str(len(image.blobs[d]))
                    for r, d in zip(heads, [d for _ in nodes for d in image.blobs], strict=True))
         assert link.count("HEAD", "/blobs/") == 0  # a HEAD anywhere is answered by the owner's store
+        for node in nodes:  # a Range at any node: the owner's verified object, relayed
+            for digest, body in image.blobs.items():
+                ranged = await get(node.url, f"/v2/{image.repo}/blobs/{digest}", headers={"Range": "bytes=10-99"})
+                assert ranged.status_code == 206 and ranged.content == body[10:100], (node.url, ranged.status_code)
+                assert ranged.headers["Content-Range"] == f"bytes 10-99/{len(body)}"
         for digest in image.blobs:
             assert upstream_gets(link, digest) == 1, digest
             owner = owner_of(nodes, digest)  # Z-02: stored on the owner only

@@ -92,7 +92,7 @@ class Zone:
         await self.membership.reconfigure(settings)
 
     def _count_members(self, membership: Membership) -> None:
-        down = sum(1 for m in membership.members if m in membership._down)
+        down = len(membership.down())
         self.metrics.peers.labels("up").set(len(membership.members) - down)
         self.metrics.peers.labels("down").set(down)
 
