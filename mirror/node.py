@@ -174,14 +174,14 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
 
 async def close_node(node: Node) -> None:
     """Stop fetches, close the pool, flush metadata, release the store."""
-    if node.zone is not None:
-        await node.zone.close()
     await node.ops.close()
     await node.scrubber.close()
     await node.fetcher.close()
     await node.manifests.close()  # revalidations and fills still retrying in the background
     await node.tags.close()
     await node.quota.close()
+    if node.zone is not None:  # after the fetches: they may be reading from a peer
+        await node.zone.close()
     await node.upstream.aclose()
     await node.metadata.close()
     node.executor.shutdown(wait=True)

@@ -41,7 +41,8 @@ ACCEPT = {"Accept": images.DOCKER_SCHEMA2}
 
 CASES = {
     "Z-01": "round-robin over 3 nodes, every blob of an image asked at every node at once: one "
-            "upstream GET per blob zone-wide, every body verified; a manifest by digest likewise",
+            "upstream GET per blob zone-wide, every body verified; a manifest by digest likewise; blob "
+            "HEADs and ranges at every node answered from the owner's store (no upstream request)",
     "Z-02": "a non-owner (keep_copy off) stores nothing: each blob is stored on its owner only",
     "Z-03": "a 4th node joins (peer lists changed, SIGHUP on all): pulling everything again through "
             "every node costs 0 upstream blob bytes (owners copy from peers that hold it)",
@@ -57,6 +58,12 @@ CASES = {
             "every node ends up storing every blob it served, bodies verified",
     "Z-10": "an owner sends bytes that do not match the digest: the client at the non-owner is cut "
             "short of Content-Length, nothing is stored",
+    "Z-11": "SIGTERM to the owner while clients at the other nodes read a blob it is filling: it drains "
+            "first, every client gets the complete verified body; then its keys move and pulls succeed",
+    "Z-12": "htpasswd on every node: a blob cached through one node is refused 401 (JSON, no content) "
+            "at every node to a client without credentials or with a wrong password; the user gets it",
+    "Z-13": "a peer request's credential is the one upstream receives for it: the client's own "
+            "Authorization header when the reaching node said `client`, none of it when `node`",
     "Z-08": "a peer DNS name resolving to several addresses: each is a member, re-resolved; a failed "
             "resolution keeps the last addresses",
 }
@@ -236,6 +243,11 @@ async def get(url: str, path: str, **kwargs: Any) -> httpx.Response:
         return await client.get(path, **kwargs)
 
 
+async def _head(url: str, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await client.head(path)
+
+
 async def pull_everywhere(nodes: list[NodeProcess], image: Any) -> None:
     """Every blob at every node, all at once; each body must hash to its digest."""
     jobs = [(node, digest) for node in nodes for digest in image.blobs]
@@ -270,6 +282,16 @@ async def test_round_robin_one_fetch_zone_wide_and_owner_only_storage(
             assert manifest.status_code == 200 and manifest.content == image.manifest
         await pull_everywhere(nodes, image)  # Z-01: concurrently, every blob at every node
         await pull_everywhere(nodes, image)  # and again, round robin: all from the owners
+        heads = await asyncio.gather(*(_head(n.url, f"/v2/{image.repo}/blobs/{d}") for n in nodes
+                                       for d in image.blobs))
+        assert all(r.status_code == 200 and r.headers["Content-Length"] == str(len(image.blobs[d]))
+                   for r, d in zip(heads, [d for _ in nodes for d in image.blobs], strict=True))
+        assert link.count("HEAD", "/blobs/") == 0  # a HEAD anywhere is answered by the owner's store
+        for node in nodes:  # a Range at any node: the owner's verified object, relayed
+            for digest, body in image.blobs.items():
+                ranged = await get(node.url, f"/v2/{image.repo}/blobs/{digest}", headers={"Range": "bytes=10-99"})
+                assert ranged.status_code == 206 and ranged.content == body[10:100], (node.url, ranged.status_code)
+                assert ranged.headers["Content-Range"] == f"bytes 10-99/{len(body)}"
         for digest in image.blobs:
             assert upstream_gets(link, digest) == 1, digest
             owner = owner_of(nodes, digest)  # Z-02: stored on the owner only
@@ -519,3 +541,87 @@ async def test_a_peer_that_fails_is_marked_down_and_skipped(answer: str) -> None
         assert membership.is_down(PEERS[2])
     finally:
         await peers.aclose()
+
+
+async def test_owner_sigterm_drains_first(tmp_path: Path, link: FaultRelay, upstream: Any,
+                                          upstream_client: Any) -> None:
+    """Case "Z-11": SIGTERM to the owner mid-fill: its peer requests finish (shutdown_grace)."""
+    image = await push(upstream_client, upstream, [8 * MiB])
+    digest = image.layer_digests[0]
+    nodes = start_zone(tmp_path, link, 3)
+    try:
+        owner = owner_of(nodes, digest)
+        others = [n for n in nodes if n is not owner]
+        link.rate = 3 * MiB
+        clients = [asyncio.create_task(get(n.url, f"/v2/{image.repo}/blobs/{digest}")) for n in others]
+        await wait_until(lambda: link.bytes_sent(f"/blobs/{digest}") > MiB, timeout=60)
+        os.kill(owner.pid, signal.SIGTERM)
+        for response in await asyncio.gather(*clients):
+            assert response.status_code == 200 and response.content == image.blobs[digest]
+        await asyncio.to_thread(owner.process.wait, 60)
+        link.rate = None
+        for node in others:  # its keys moved: the next owner serves
+            response = await get(node.url, f"/v2/{image.repo}/blobs/{digest}")
+            assert response.status_code == 200 and response.content == image.blobs[digest]
+        assert upstream_gets(link, digest) <= 2  # the drained owner's fill, then the next owner's
+    finally:
+        stop_all(nodes)
+
+
+async def test_client_authorization_stays_at_the_node_reached(tmp_path: Path, link: FaultRelay, upstream: Any,
+                                                              upstream_client: Any) -> None:
+    """Case "Z-12": a client without rights gets nothing from the zone's cache, at any node."""
+    import bcrypt
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"puller:{bcrypt.hashpw(b'right', bcrypt.gensalt(4)).decode()}\n")
+    image = await push(upstream_client, upstream, [600 * 1024])
+    digest = image.layer_digests[0]
+    nodes = [NodeProcess(tmp_path / f"node{i}", link.url) for i in range(3)]
+    for node in nodes:
+        node.config["auth"] = {"htpasswd": {"realm": "zone", "path": str(htpasswd)}}
+        zone_config(node, [n.url for n in nodes])
+    start_all(nodes)
+    try:
+        path = f"/v2/{image.repo}/blobs/{digest}"
+        first = await get(nodes[0].url, path, auth=("puller", "right"))
+        assert first.status_code == 200 and first.content == image.blobs[digest]
+        for node in nodes:
+            for auth in (None, ("puller", "wrong"), ("stranger", "right")):
+                response = await get(node.url, path, auth=auth)
+                assert response.status_code == 401, (node.url, auth, response.status_code)
+                assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+                assert image.blobs[digest][:64] not in response.content
+            allowed = await get(node.url, path, auth=("puller", "right"))
+            assert allowed.status_code == 200 and allowed.content == image.blobs[digest]
+        assert upstream_gets(link, digest) == 1
+    finally:
+        stop_all(nodes)
+
+
+async def test_the_forwarded_credential_is_what_goes_upstream(tmp_path: Path, relay: Any, upstream: Any,
+                                                              upstream_client: Any) -> None:
+    """Case "Z-13": the owner fetches with exactly the credential the reaching node chose."""
+    from tests.conftest import MirrorNode, mirror_config
+
+    image = await push(upstream_client, upstream, [100 * 1024, 120 * 1024])
+    port = free_port()
+    me = f"http://127.0.0.1:{port}"
+    node = MirrorNode(mirror_config(tmp_path, relay.url, zone={"self": me, "peers": [me], "secret": SECRET}),
+                      tmp_path / "config.yml")
+    node.port = port
+    await node.start()
+    try:
+        for (digest, _body), credential in zip(image.layers, (Credential.client("Bearer the-clients-own"),
+                                                             Credential.node()), strict=True):
+            path = blob_path(Digest.parse(digest), image.repo)
+            headers = credential_headers(credential)
+            headers |= signing.sign(SECRET, "GET", path, headers)
+            response = await get(me, path, headers=headers)
+            assert response.status_code == 200 and response.content == image.blobs[digest]
+            sent = [r.request_headers or {} for r in relay.records if r.method == "GET" and digest in r.path_qs]
+            assert len(sent) == 1
+            authorization = {k.lower(): v for k, v in sent[0].items()}.get("authorization")
+            assert authorization == credential.header  # the client's header, or none for the node's
+    finally:
+        await node.stop()

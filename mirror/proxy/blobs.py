@@ -102,6 +102,10 @@ class Blobs:
         if fetch is not None and fetch.repo == repo:
             return BlobSource(digest, await within(fetch.started(), self._bound(repo)), cache="coalesced")
         self.negative.check(("blob", repo, digest))
+        if self.zone is not None:
+            routed = await self.zone.stat_blob(repo, digest, credential)  # the owner knows it (mirror.zone)
+            if routed is not None:
+                return routed
         try:
             size = await within(self.upstream.head_blob(repo, digest, credential), self._bound(repo))
         except NOT_FOUND as exc:

@@ -161,6 +161,11 @@ class Membership:
         if self.on_change is not None:
             self.on_change(self)
 
+    def down(self) -> list[str]:
+        """The members marked down now (read only: no expiry bookkeeping, no callbacks)."""
+        now = self.clock()
+        return [m for m in self.members if self._down.get(m, now) > now]
+
     def live(self) -> list[str]:
         return [m for m in self.members if not self.is_down(m)]
 

@@ -201,6 +201,16 @@ class Peers:
         answered = "hit" if response.headers.get(CACHE) == "hit" else "miss"
         return PeerManifest(raw, media_type, _verified_digest(raw, str(digest), None), cache=answered)
 
+    async def head_blob(self, peer: str, path_qs: str, credential: Credential) -> int | None:
+        """HEAD a blob at its owner: its size (BLOB_UNKNOWN, UNAUTHORIZED... as upstream's)."""
+        request = self._client.build_request("HEAD", f"{peer}{path_qs}",
+                                             headers=self._headers("HEAD", path_qs, credential))
+        response = await self._send(peer, request)
+        await response.aclose()
+        await self._raise_for_status(peer, response)
+        length = response.headers.get("content-length", "")
+        return int(length) if length.isdigit() else None
+
     async def held(self, peer: str, digest: Digest, repo: str, credential: Credential) -> tuple[int, bool] | None:
         """(size, linked to `repo`) when `peer` stores `digest`; None when it does not or is down."""
         path_qs = held_path(digest, repo)

@@ -9,8 +9,8 @@ order are asked for the rest (a Range from the
 bytes already passed): the same owner is asked first (it may be alive and
 only have cut its readers because its own upstream stalled), and a dead
 one refuses the connection, is marked down and skipped. When the next
-owner would be this node, the connection is cut and the client's retry
-fills here.
+owner is this node, it fills the blob itself (from a peer holding it, else
+the link, once, as any fill) and the client reads on from that fill.
 
 A client's Range is passed to the owner, which answers ranges only from a
 verified object (a fill in flight is waited for first), and relayed as is.
@@ -18,15 +18,21 @@ verified object (a fill in flight is waited for first), and relayed as is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.responses import _abort, _unless_cut
+from mirror.api.responses import READ_CHUNK, _abort, _unless_cut
+from mirror.proxy.fetcher import BlobFetch, open_for_read
 from mirror.registry.digest import Digest
+from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import BlobStream
 from mirror.upstream.credential import Credential
 from mirror.zone.peers import PeerUnavailable, blob_path
@@ -51,7 +57,7 @@ class PeerRelay:
         self.credential = credential
         self.total: int | None = None
         self.stack = AsyncExitStack()
-        self.stream: BlobStream | None = None
+        self.stream: BlobStream | _LocalStream | None = None
 
     @classmethod
     async def open(cls, zone: Zone, repo: str, digest: Digest, credential: Credential) -> PeerRelay | None:
@@ -126,12 +132,32 @@ class PeerRelay:
                 if self.total is not None and passed >= self.total:
                     break
                 resumes += 1
-                if resumes > MAX_RESUMES or not await self._reopen(passed):
+                if resumes > MAX_RESUMES:
                     raise
-                log.info("zone: blob %s resumed at %d bytes from the next owner", self.digest, passed)
+                if await self._reopen(passed):
+                    log.info("zone: blob %s resumed at %d bytes from the next owner", self.digest, passed)
+                elif not await self._fill_here(passed):
+                    raise
         if (self.total is not None and passed != self.total) or hasher.hexdigest() != self.digest.hex:
             raise errors.Unavailable(f"peer sent content that does not match {self.digest}")
         await self._write(request, response, pending)
+
+    async def _fill_here(self, offset: int) -> bool:
+        """This node is the next owner: fill here (peers holding it, else the link) and go on
+        reading that fill from `offset`. False when the zone has no local fill to offer."""
+        fetcher = self.zone.fetcher
+        if fetcher is None:
+            return False
+        await self.stack.aclose()
+        self.stack = AsyncExitStack()
+        fetch = fetcher.start(self.repo, self.digest, self.credential)
+        size = await fetch.started()
+        if self.total is not None and size is not None and size != self.total:
+            raise errors.Unavailable("the local fill announced another size")
+        self.stream = _LocalStream(fetch, self.zone.store, self.zone.executor, offset)
+        log.info("zone: blob %s resumed at %d bytes from this node's own fill (the next owner)",
+                 self.digest, offset)
+        return True
 
     async def _write(self, request: web.Request, response: web.StreamResponse, data: bytes | bytearray) -> None:
         if not data:
@@ -158,3 +184,32 @@ class PeerRelay:
         await response.write_eof()
         return response
 
+
+
+class _LocalStream:
+    """This node's own fill of the blob, read from `offset` as a fill's readers read it."""
+
+    def __init__(self, fetch: BlobFetch, store: BlobStore, executor: Executor, offset: int) -> None:
+        self.fetch = fetch
+        self.store = store
+        self.executor = executor
+        self.offset = offset
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        fd = open_for_read(self.fetch, self.store)
+        if fd is None:  # relayed uncached from its first byte (disk full): nothing to read at an offset
+            raise errors.Unavailable("the mirror is short of disk space; retry")
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                limit = await self.fetch.readable(self.offset)
+                if limit <= self.offset:
+                    return
+                data = await loop.run_in_executor(self.executor, os.pread, fd,
+                                                  min(limit - self.offset, READ_CHUNK), self.offset)
+                if not data:
+                    raise errors.Unavailable("blob shorter than announced")
+                self.offset += len(data)
+                yield data
+        finally:
+            os.close(fd)

@@ -57,6 +57,10 @@ class Zone:
         self.membership.on_change = self._count_members
         self.peers = Peers(self.membership, self.metrics, transport)
         self.source: Any = None  # the config file SIGHUP re-reads (Settings.source)
+        # This node's fill, for a relay whose owners before this node all died (open_zone sets them).
+        self.fetcher: Any = None
+        self.store: Any = None
+        self.executor: Any = None
         self._reloads: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -88,7 +92,7 @@ class Zone:
         await self.membership.reconfigure(settings)
 
     def _count_members(self, membership: Membership) -> None:
-        down = sum(1 for m in membership.members if m in membership._down)
+        down = len(membership.down())
         self.metrics.peers.labels("up").set(len(membership.members) - down)
         self.metrics.peers.labels("down").set(down)
 
@@ -118,6 +122,19 @@ class Zone:
             return None
         self.metrics.relayed.inc()
         return BlobSource(digest, relay.total, cache="peer", relay=relay)
+
+    async def stat_blob(self, repo: str, digest: Digest, credential: Credential) -> BlobSource | None:
+        """A HEAD this node cannot answer: asked of the owner (its store and links, else
+        upstream's HEAD, once); None when this node owns it or no owner answers."""
+        from mirror.proxy.blobs import BlobSource
+
+        for owner in self.remote_owners(digest):
+            try:
+                size = await self.peers.head_blob(owner, blob_path(digest, repo), credential)
+            except PeerUnavailable:
+                continue
+            return BlobSource(digest, size, cache="peer")
+        return None
 
     async def holder(self, repo: str, digest: Digest, credential: Credential) -> str | None:
         """A live peer that stores `digest` and may serve it for `repo`, asked all at once.
@@ -206,6 +223,7 @@ async def open_zone(settings: Any, node: Any, transport: Any = None) -> Zone:
     zone.source = settings.source
     await zone.start()
     node.blobs.zone = zone
+    zone.fetcher, zone.store, zone.executor = node.fetcher, node.store, node.executor
     node.fetcher.upstream = ZoneSource(node.upstream, zone)
     node.manifests.upstream = ZoneSource(node.upstream, zone)  # by digest: from the owner
     return zone
