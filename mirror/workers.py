@@ -1,6 +1,8 @@
 """Worker processes: `mirror.workers` copies of the node on one socket, over one store.
 
-With `mirror.workers` above 1, `mirror serve` is a supervisor that serves
+`mirror.workers` defaults to "auto": the CPUs this process may use
+(:func:`available_cpus`: its affinity, capped by a container's cgroup CPU
+quota). With more than one, `mirror serve` is a supervisor that serves
 nothing itself. It starts each worker as `python -m mirror serve CONFIG`;
 the environment variable `MIRROR_WORKER=<index>` tells a worker which it is.
 Each worker listens on `http.addr` with its own `SO_REUSEPORT` socket, so the
@@ -37,6 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mirror.config import Settings
@@ -51,6 +54,9 @@ CRASH_WINDOW = 60.0
 FATAL_STATUS = 2
 #: Seconds between the supervisor's looks at its workers.
 POLL = 0.1
+#: Where cgroup file systems are mounted, and this process's cgroups (for a CPU quota).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+OWN_CGROUP = Path("/proc/self/cgroup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +86,66 @@ def is_leader() -> bool:
 
 
 def worker_count(settings: Settings) -> int:
-    """`mirror.workers`, with 0 ("auto") resolved to the CPUs this process may run on."""
+    """`mirror.workers`, with 0 ("auto", the default) resolved to :func:`available_cpus`."""
     if settings.mirror.workers:
         return settings.mirror.workers
-    return max(1, len(os.sched_getaffinity(0)))
+    return available_cpus()
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT, own_cgroup: Path = OWN_CGROUP) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota.
+
+    In a container the affinity is usually the host's every CPU while
+    `cpu.max` (cgroup v2; `cpu.cfs_quota_us` in v1) allows a few CPUs' worth
+    of time; a worker per host CPU would then only contend. The quota is
+    rounded down (1.5 CPUs: one worker), as Go's automaxprocs does, never
+    below one.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(cgroup_root, own_cgroup)
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, own_cgroup: Path = OWN_CGROUP) -> float | None:
+    """CPUs' worth of time this process's cgroup and its ancestors allow; None when unlimited."""
+    try:
+        lines = own_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one hierarchy, `cpu.max` is "QUOTA PERIOD" or "max PERIOD"
+            quotas += [_v2_quota(d / "cpu.max") for d in _ancestors(cgroup_root, path)]
+        elif "cpu" in controllers.split(","):  # cgroup v1's cpu controller (where mounted by name)
+            quotas += [_v1_quota(d) for d in _ancestors(cgroup_root / controllers, path)]
+    limits = [quota for quota in quotas if quota is not None]
+    return min(limits) if limits else None
+
+
+def _ancestors(base: Path, path: str) -> list[Path]:
+    """`base/path` and each of its parents up to `base` (a container sees its own as `/`)."""
+    parts = [part for part in path.split("/") if part and part != ".."]
+    return [base.joinpath(*parts[:end]) for end in range(len(parts), -1, -1)]
+
+
+def _v2_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def link_share(upstream: Any, count: int) -> Any:

@@ -52,6 +52,15 @@ CASES = {
                "a follower in another worker resumes them with a Range; no client gets a wrong body",
     "R-WK-08": "pull-through smoke with 1 and 8 workers: an image's manifest and layers, every blob "
                "fetched upstream once",
+    "R-WK-13": "a manifest every worker serves warm is deleted upstream and purged on the leader: at once, "
+               "64 requests by tag and by digest on separate connections all get 404 MANIFEST_UNKNOWN; "
+               "no worker answers from its memory",
+    "R-WK-14": "delete notifications on the leader (one by tag, one by digest) for manifests every worker "
+               "serves warm, deleted upstream: at once, every request on every worker gets 404",
+    "R-WK-15": "a stored manifest every worker serves warm rots on disk and `/admin/verify` on the leader "
+               "quarantines it (deleted upstream): at once, every request by digest gets 404",
+    "R-WK-16": "a push notification on the leader moves a tag every worker serves warm (within its TTL): "
+               "once the leader settled it, every worker serves the new manifest",
 }
 
 
@@ -381,5 +390,127 @@ async def test_filler_shut_down_leaves_its_bytes(tmp_path, faults, upstream, ups
         ranges = [(r.request_headers or {}).get("Range", "") for r in gets[1:]]
         assert any(r.startswith("bytes=") and not r.startswith("bytes=0-") for r in ranges), ranges
         assert await get_blob(node.url, repo, digest) == ("ok", data)
+    finally:
+        node.close()
+
+
+# --------------------------------------------------------------------------- coherence (R-WK-13..16)
+
+SPREAD = 64  # separate connections: SO_REUSEPORT spreads them over every worker (4 workers miss none)
+
+
+async def spread(url: str, path: str, count: int = SPREAD) -> list[tuple[int, bytes]]:
+    """`count` GETs, each on its own connection (so on a kernel-chosen worker): (status, body)."""
+    async def one() -> tuple[int, bytes]:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=ACCEPT) as client:
+            response = await client.get(path)
+            return response.status_code, response.content
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def all_unknown(results: list[tuple[int, bytes]]) -> bool:
+    """Every answer is the spec's 404 with MANIFEST_UNKNOWN in its JSON body."""
+    return all(status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+               for status, body in results)
+
+
+async def warm_everywhere(node: NodeProcess, image: Any) -> None:
+    """Every worker serves the image's manifest by tag and by digest from memory afterwards."""
+    for reference in ("v1", image.digest):
+        results = await spread(node.url, f"/v2/{image.repo}/manifests/{reference}")
+        assert results == [(200, image.manifest)] * SPREAD, reference
+
+
+async def admin(debug_port: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{debug_port}", timeout=60) as client:
+        return await client.request(method, path, **kwargs)
+
+
+async def coherence_node(tmp_path: Path, faults: FaultRelay) -> tuple[NodeProcess, int]:
+    debug_port = free_port()
+    return start_node(tmp_path / "node", faults, 4, debug_port=debug_port, tag_ttl="1h"), debug_port
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-13"])
+async def test_purge_on_the_leader_reaches_every_worker_at_once(tmp_path, faults, upstream, upstream_client,
+                                                                case_id) -> None:
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        image = await images.push_image(upstream_client, upstream.url, f"workers/purge-{uuid.uuid4().hex[:8]}",
+                                        "v1")
+        await warm_everywhere(node, image)
+        await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
+        purged = await admin(debug_port, "POST", "/admin/purge", json={"reference": f"{image.repo}:v1"})
+        assert purged.status_code == 200 and purged.json()["objects"] >= 1, purged.text
+        for reference in ("v1", image.digest):
+            assert all_unknown(await spread(node.url, f"/v2/{image.repo}/manifests/{reference}")), reference
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-14"])
+async def test_delete_notifications_reach_every_worker_at_once(tmp_path, faults, upstream, upstream_client,
+                                                               case_id) -> None:
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        by_tag = await images.push_image(upstream_client, upstream.url, f"workers/del-{uuid.uuid4().hex[:8]}",
+                                         "v1")
+        by_digest = await images.push_image(upstream_client, upstream.url,
+                                            f"workers/del-{uuid.uuid4().hex[:8]}", "v1")
+        for image in (by_tag, by_digest):
+            await warm_everywhere(node, image)
+            await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
+        events = [{"action": "delete", "target": {"repository": by_tag.repo, "tag": "v1"}},
+                  {"action": "delete", "target": {"repository": by_digest.repo, "digest": by_digest.digest}}]
+        sent = await admin(debug_port, "POST", "/admin/notify", json={"events": events})
+        assert sent.status_code == 200 and sent.json()["acted"] == 2, sent.text
+        await wait_until(lambda: f"forgot tag {by_tag.repo}:v1" in node.log_text()
+                         and f"forgot {by_digest.repo}@{by_digest.digest}" in node.log_text())
+        assert all_unknown(await spread(node.url, f"/v2/{by_tag.repo}/manifests/v1"))
+        for reference in ("v1", by_digest.digest):
+            assert all_unknown(await spread(node.url, f"/v2/{by_digest.repo}/manifests/{reference}")), reference
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-15"])
+async def test_quarantine_on_the_leader_reaches_every_worker_at_once(tmp_path, faults, upstream,
+                                                                     upstream_client, case_id) -> None:
+    from mirror.registry.digest import Digest
+    from mirror.storage.blobstore import BlobStore
+
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        image = await images.push_image(upstream_client, upstream.url, f"workers/rot-{uuid.uuid4().hex[:8]}",
+                                        "v1")
+        await warm_everywhere(node, image)
+        await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
+        stored = BlobStore(node.store).path(Digest.parse(image.digest))
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size: only a hash finds it
+        stored.write_bytes(bytes(data))
+        verified = await admin(debug_port, "POST", "/admin/verify")
+        assert verified.status_code == 200 and image.digest in verified.json()["quarantined"], verified.text
+        assert all_unknown(await spread(node.url, f"/v2/{image.repo}/manifests/{image.digest}"))
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-16"])
+async def test_a_pushed_tag_reaches_every_worker(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        repo = f"workers/push-{uuid.uuid4().hex[:8]}"
+        first = await images.push_image(upstream_client, upstream.url, repo, "v1")
+        await warm_everywhere(node, first)
+        second = await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[2048])
+        assert second.digest != first.digest
+        event = {"action": "push", "target": {"repository": repo, "tag": "v1", "digest": second.digest,
+                                              "mediaType": second.media_type}}
+        sent = await admin(debug_port, "POST", "/admin/notify", json={"events": [event]})
+        assert sent.status_code == 200 and sent.json()["acted"] == 1, sent.text
+        await wait_until(lambda: f"push notification {repo}:v1" in node.log_text(), timeout=60)
+        assert await spread(node.url, f"/v2/{repo}/manifests/v1") == [(200, second.manifest)] * SPREAD
     finally:
         node.close()
