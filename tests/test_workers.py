@@ -514,3 +514,66 @@ async def test_a_pushed_tag_reaches_every_worker(tmp_path, faults, upstream, ups
         assert await spread(node.url, f"/v2/{repo}/manifests/v1") == [(200, second.manifest)] * SPREAD
     finally:
         node.close()
+
+
+# --------------------------------------------------------------------------- the default count
+
+
+def fake_cgroup(tmp_path: Path, own: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup mount under tmp_path and a /proc/self/cgroup naming `own`."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text(own)
+    return root, proc
+
+
+def test_workers_default_to_the_cpus_available(monkeypatch) -> None:
+    from mirror.config import load_settings
+    from mirror.workers import available_cpus, worker_count
+
+    settings = load_settings(None, {})
+    assert settings.mirror.workers == 0  # auto
+    assert worker_count(settings) == available_cpus() >= 1
+    assert worker_count(load_settings(None, {"REGISTRY_MIRROR_WORKERS": "auto"})) == available_cpus()
+    assert worker_count(load_settings(None, {"REGISTRY_MIRROR_WORKERS": "3"})) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "lots", "1.5", "true"])
+def test_a_bad_worker_count_is_one_line_naming_the_key(value) -> None:
+    from mirror.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {"REGISTRY_MIRROR_WORKERS": value})
+    assert str(refused.value).startswith("config: mirror.workers: ") and "\n" not in str(refused.value)
+
+
+def test_a_cgroup_v2_cpu_quota_caps_the_count(tmp_path, monkeypatch) -> None:
+    from mirror import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    root, proc = fake_cgroup(tmp_path, "0::/kubepods/pod1/app\n", {
+        "cpu.max": "max 100000\n",
+        "kubepods/cpu.max": "800000 100000\n",
+        "kubepods/pod1/app/cpu.max": "250000 100000\n"})  # 2.5 CPUs: 2 workers
+    assert workers.available_cpus(root, proc) == 2
+    (root / "kubepods/pod1/app/cpu.max").write_text("50000 100000\n")  # half a CPU: still one
+    assert workers.available_cpus(root, proc) == 1
+    (root / "kubepods/pod1/app/cpu.max").write_text("max 100000\n")  # unlimited: the ancestor's 8
+    assert workers.available_cpus(root, proc) == 8
+    root, proc = fake_cgroup(tmp_path / "ns", "0::/\n", {"cpu.max": "max 100000\n"})  # a namespaced view
+    assert workers.available_cpus(root, proc) == 16
+
+
+def test_a_cgroup_v1_cpu_quota_caps_the_count(tmp_path, monkeypatch) -> None:
+    from mirror import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    root, proc = fake_cgroup(tmp_path, "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    assert workers.available_cpus(root, proc) == 3
+    assert workers.available_cpus(root, tmp_path / "no-such-file") == 4  # no cgroup: the affinity
