@@ -577,3 +577,21 @@ def test_a_cgroup_v1_cpu_quota_caps_the_count(tmp_path, monkeypatch) -> None:
         "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
     assert workers.available_cpus(root, proc) == 3
     assert workers.available_cpus(root, tmp_path / "no-such-file") == 4  # no cgroup: the affinity
+
+
+def test_a_cgroup_memory_limit_caps_the_count(tmp_path, monkeypatch) -> None:
+    from mirror import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    root, proc = fake_cgroup(tmp_path, "0::/pod\n", {
+        "cpu.max": "max 100000\n", "pod/cpu.max": "max 100000\n",
+        "pod/memory.max": f"{1 << 30}\n"})  # 1 GiB, no CPU limit: 4 workers, not 64
+    assert workers.available_cpus(root, proc) == 4
+    (root / "pod/memory.max").write_text("max\n")
+    assert workers.available_cpus(root, proc) == 64
+    (root / "pod/memory.max").write_text(f"{100 << 20}\n")  # under one budget: still one
+    assert workers.available_cpus(root, proc) == 1
+    root, proc = fake_cgroup(tmp_path / "v1", "5:memory:/docker/x\n", {
+        "memory/memory.limit_in_bytes": f"{(1 << 63) - 4096}\n",
+        "memory/docker/x/memory.limit_in_bytes": f"{2 << 30}\n"})
+    assert workers.available_cpus(root, proc) == 8
