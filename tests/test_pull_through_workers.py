@@ -83,7 +83,9 @@ def repo_name(kind: str) -> str:
 
 async def request(url: str, method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
     """One request on a connection of its own (the kernel picks the worker)."""
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 transport=httpx.AsyncHTTPTransport(retries=2)) as client:
+        # (retries: failed connection attempts only, never a request the node received)
         response = await client.request(method, path, headers={**ACCEPT, **(headers or {})})
         await response.aread()
         return response

@@ -402,8 +402,9 @@ SPREAD = 64  # separate connections: SO_REUSEPORT spreads them over every worker
 async def spread(url: str, path: str, count: int = SPREAD) -> list[tuple[int, bytes]]:
     """`count` GETs, each on its own connection (so on a kernel-chosen worker): (status, body)."""
     async def one() -> tuple[int, bytes]:
-        async with httpx.AsyncClient(base_url=url, timeout=60, headers=ACCEPT) as client:
-            response = await client.get(path)
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=ACCEPT,
+                                     transport=httpx.AsyncHTTPTransport(retries=2)) as client:
+            response = await client.get(path)  # (retries: connection attempts only, never a request)
             return response.status_code, response.content
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
