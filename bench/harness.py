@@ -79,6 +79,7 @@ class Params:
     rate: float = 25e6  # 200 Mbit/s
     latency: float = 0.020
     tag_ttl: str = "300s"
+    workers: int | None = None  # mirror.workers; None: the node's default (auto, the CPUs available)
 
     @classmethod
     def make(cls, quick: bool) -> Params:
@@ -154,8 +155,9 @@ class MirrorServer(ProcessServer):
 
     name = "mirror"
 
-    def __init__(self, parent: Path, relay: Relay, tag_ttl: str) -> None:
+    def __init__(self, parent: Path, relay: Relay, tag_ttl: str, workers: int | None = None) -> None:
         self.relay = relay
+        self.workers = workers if workers is not None else default_workers()
         self.dir = Path(tempfile.mkdtemp(prefix="mirror-", dir=parent))
         self.port = free_port()
         self.config = {
@@ -164,7 +166,7 @@ class MirrorServer(ProcessServer):
             "storage": {"filesystem": {"rootdirectory": str(self.dir / "storage")}},
             "http": {"addr": f"127.0.0.1:{self.port}"},
             "proxy": {"remoteurl": relay.url},
-            "mirror": {"tag_ttl": tag_ttl},
+            "mirror": {"tag_ttl": tag_ttl, **({} if workers is None else {"workers": workers})},
         }
         self.config_path = self.dir / "config.yml"
         self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
@@ -172,6 +174,45 @@ class MirrorServer(ProcessServer):
         self.process = ManagedProcess(
             [sys.executable, "-m", "mirror", "serve", str(self.config_path)],
             env=env, inherit_env=False, cwd=ROOT, log_dir=self.dir, name="mirror")
+
+    def start(self) -> Self:
+        """Started when every worker listens (the first one answering is not enough to measure)."""
+        super().start()
+        deadline = time.monotonic() + 120
+        while self.workers > 1 and listening_children(self.pid, self.port) < self.workers:
+            assert time.monotonic() < deadline, f"mirror workers not all listening: {self.log_text()[-2000:]}"
+            assert self.process.poll() is None, self.log_text()[-2000:]
+            time.sleep(0.1)
+        return self
+
+
+def default_workers() -> int:
+    """What `mirror.workers: auto` comes to on this machine."""
+    from mirror.workers import available_cpus
+
+    return available_cpus()
+
+
+def listening_children(pid: int, port: int) -> int:
+    """How many of `pid`'s children hold a socket listening on `port` (the node's workers)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(fields[9])
+    count = 0
+    for child in tree(pid)[1:]:
+        try:
+            links = {os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")}
+        except OSError:
+            continue
+        count += any(f"socket:[{inode}]" in links for inode in inodes)
+    return count
 
 
 class DistProxy:
@@ -322,7 +363,7 @@ class Bench:
         self.relay_n = self._relay()
         self.relay_x = self._relay()
         progress("starting mirror, distribution proxy and nginx")
-        self.mirror = MirrorServer(self.tmp, self.relay_m, p.tag_ttl)
+        self.mirror = MirrorServer(self.tmp, self.relay_m, p.tag_ttl, p.workers)
         self.stack.callback(self.mirror.close)
         self.mirror.start()
         self.dist = DistProxy(self.tmp, self.relay_d)
@@ -742,6 +783,9 @@ def render(b: Bench, elapsed: float) -> str:
     out.append(f"- load generator: raw HTTP/1.1 keep-alive client on asyncio BufferedProtocol, "
                f"in {p.load_procs} spawned process(es) for fig 4; mirror tag_ttl {p.tag_ttl}, "
                f"log level warn")
+    chosen = f"mirror.workers {p.workers}" if p.workers else "the default, auto: the CPUs available"
+    out.append(f"- mirror workers: {b.mirror.workers} ({chosen}); per core = req/s divided by the CPU "
+               "the server's whole process tree used in the window")
     out += [f"- {n}" for n in b.notes]
     findings = b.mirror_log_findings()
     if findings:
@@ -759,8 +803,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-procs", type=int, default=None,
                     help="load generator processes for fig 4 (default 2)")
     ap.add_argument("--only", default="1234567", help="figures to run, e.g. 14 (default all)")
+    ap.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="mirror.workers for the node (default: the node's own default, auto)")
     args = ap.parse_args(argv)
     p = Params.make(args.quick)
+    if args.workers is not None and args.workers < 1:
+        ap.error("--workers: 1 or more")
+    p.workers = args.workers
     if args.load_procs:
         p.load_procs = args.load_procs
     t0 = time.monotonic()

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {"version": 0.1, "log": {"level": "warn"},
                   "storage": {"filesystem": {"rootdirectory": str(tmp / "storage")}},
                   "http": {"addr": f"127.0.0.1:{port}"}, "proxy": {"remoteurl": upstream.url},
-                  "mirror": {"tag_ttl": "300s"}}
+                  "mirror": {"tag_ttl": "300s", "workers": 1}}  # one process to profile
         (tmp / "config.yml").write_text(json.dumps(config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         env.update(kv.split("=", 1) for kv in args.env)

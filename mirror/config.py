@@ -255,7 +255,10 @@ def _workers(value: Any, key: str) -> int:
     """`mirror.workers`: a count of processes, or "auto" (0: the CPUs this process may use)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
-    return _positive_int(value, key)
+    try:
+        return _positive_int(value, key)
+    except ConfigError:
+        raise ConfigError(key, f"expected auto or a count of processes (1 or more), got {value!r}") from None
 
 
 def _boolean(value: Any, key: str) -> bool:
@@ -565,7 +568,7 @@ class MirrorSettings:
     shutdown_grace: float = 20.0  # seconds in-flight requests get on SIGTERM (platforms kill at 30)
     names: tuple[str, ...] = ()  # extra registry names (lower case) meaning proxy.remoteurl
     upstreams: tuple[RegistrySettings, ...] = ()  # further registries served by this node (README)
-    workers: int = 1  # worker processes serving http.addr; 0 ("auto") = the CPUs available
+    workers: int = 0  # worker processes serving http.addr; 0 ("auto", the default) = the CPUs available
     zone: Any = None  # mirror.zone.settings.ZoneSettings; None = the node is alone (mirror.zone)
 
 

@@ -129,7 +129,8 @@ def open_registries(settings: Settings, transport: object = None) -> Registries:
 
 async def open_node(settings: Settings, transport: object = None) -> Node:
     """Open the store and metadata, sweep leftovers, build the services."""
-    warn_unnamed_upstream(settings)
+    if is_leader():  # once per node, not once per worker
+        warn_unnamed_upstream(settings)
     store = BlobStore(settings.storage.root)
     store.open()
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")

@@ -1,6 +1,8 @@
 """Worker processes: `mirror.workers` copies of the node on one socket, over one store.
 
-With `mirror.workers` above 1, `mirror serve` is a supervisor that serves
+`mirror.workers` defaults to "auto": the CPUs this process may use
+(:func:`available_cpus`: its affinity, capped by a container's cgroup CPU
+quota). With more than one, `mirror serve` is a supervisor that serves
 nothing itself. It starts each worker as `python -m mirror serve CONFIG`;
 the environment variable `MIRROR_WORKER=<index>` tells a worker which it is.
 Each worker listens on `http.addr` with its own `SO_REUSEPORT` socket, so the
@@ -37,6 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mirror.config import Settings
@@ -51,6 +54,12 @@ CRASH_WINDOW = 60.0
 FATAL_STATUS = 2
 #: Seconds between the supervisor's looks at its workers.
 POLL = 0.1
+#: Memory budget of one worker for `auto` under a cgroup memory limit (a worker
+#: idles at about 50 MiB and holds up to 32 MiB of hot manifests plus its maps).
+WORKER_MEMORY = 256 * 1024 * 1024
+#: Where cgroup file systems are mounted, and this process's cgroups (for a CPU quota).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+OWN_CGROUP = Path("/proc/self/cgroup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +89,92 @@ def is_leader() -> bool:
 
 
 def worker_count(settings: Settings) -> int:
-    """`mirror.workers`, with 0 ("auto") resolved to the CPUs this process may run on."""
+    """`mirror.workers`, with 0 ("auto", the default) resolved to :func:`available_cpus`."""
     if settings.mirror.workers:
         return settings.mirror.workers
-    return max(1, len(os.sched_getaffinity(0)))
+    return available_cpus()
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT, own_cgroup: Path = OWN_CGROUP) -> int:
+    """The workers `auto` runs: the CPUs this process may use, within its cgroup's limits.
+
+    The CPUs are its affinity, capped by a cgroup CPU quota: in a container
+    the affinity is usually the host's every CPU while `cpu.max` (cgroup v2;
+    `cpu.cfs_quota_us` in v1) allows a few CPUs' worth of time, and a worker
+    per host CPU would only contend. The quota is rounded down (1.5 CPUs: one
+    worker), as Go's automaxprocs does. A cgroup memory limit caps the count
+    too, at one worker per `WORKER_MEMORY`: a pod limited to 1 GiB on a
+    64-CPU host must not start 64 workers and be OOM-killed. Never below one.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(cgroup_root, own_cgroup)
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    memory = cgroup_limit(cgroup_root, own_cgroup, "memory.max", "memory", _v1_memory)
+    if memory is not None:
+        cpus = min(cpus, int(memory // WORKER_MEMORY))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, own_cgroup: Path = OWN_CGROUP) -> float | None:
+    """CPUs' worth of time this process's cgroup and its ancestors allow; None when unlimited."""
+    return cgroup_limit(cgroup_root, own_cgroup, "cpu.max", "cpu", _v1_quota)
+
+
+def cgroup_limit(cgroup_root: Path, own_cgroup: Path, v2_file: str, v1_controller: str,
+                 v1_read: Any) -> float | None:
+    """The tightest limit of this process's cgroup and its ancestors; None when unlimited.
+
+    cgroup v2 files hold "LIMIT [PERIOD]" or "max"; a v1 controller's
+    hierarchy is read with `v1_read(directory)`.
+    """
+    try:
+        lines = own_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one hierarchy
+            found += [_v2_limit(d / v2_file) for d in _ancestors(cgroup_root, path)]
+        elif v1_controller in controllers.split(","):  # cgroup v1 (where mounted by name)
+            found += [v1_read(d) for d in _ancestors(cgroup_root / controllers, path)]
+    limits = [limit for limit in found if limit is not None]
+    return min(limits) if limits else None
+
+
+def _ancestors(base: Path, path: str) -> list[Path]:
+    """`base/path` and each of its parents up to `base` (a container sees its own as `/`)."""
+    parts = [part for part in path.split("/") if part and part != ".."]
+    return [base.joinpath(*parts[:end]) for end in range(len(parts), -1, -1)]
+
+
+def _v2_limit(path: Path) -> float | None:
+    """`cpu.max` ("QUOTA PERIOD": CPUs) or `memory.max` (bytes); "max" is no limit."""
+    try:
+        fields = path.read_text().split()
+        if fields[0] == "max":
+            return None
+        return int(fields[0]) / int(fields[1]) if len(fields) > 1 else float(fields[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _v1_memory(directory: Path) -> float | None:
+    try:
+        limit = int((directory / "memory.limit_in_bytes").read_text())
+        return None if limit >= 1 << 60 else float(limit)  # v1 writes "no limit" as a huge number
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def link_share(upstream: Any, count: int) -> Any:

@@ -578,6 +578,7 @@ def serve(tmp_path: Path, config: dict[str, Any]) -> tuple[ManagedProcess, str]:
     """`mirror serve` on a config, as systemd runs it; returns (process, base URL)."""
     port = free_port()
     config["http"]["addr"] = f"127.0.0.1:{port}"
+    config["mirror"].setdefault("workers", 1)  # one process: a reload is seen by the next request
     path = tmp_path / f"config-{port}.yml"
     path.write_text(yaml.safe_dump(config))
     process = ManagedProcess([sys.executable, "-m", "mirror", "serve", str(path)],

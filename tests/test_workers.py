@@ -52,6 +52,15 @@ CASES = {
                "a follower in another worker resumes them with a Range; no client gets a wrong body",
     "R-WK-08": "pull-through smoke with 1 and 8 workers: an image's manifest and layers, every blob "
                "fetched upstream once",
+    "R-WK-13": "a manifest every worker serves warm is deleted upstream and purged on the leader: at once, "
+               "64 requests by tag and by digest on separate connections all get 404 MANIFEST_UNKNOWN; "
+               "no worker answers from its memory",
+    "R-WK-14": "delete notifications on the leader (one by tag, one by digest) for manifests every worker "
+               "serves warm, deleted upstream: at once, every request on every worker gets 404",
+    "R-WK-15": "a stored manifest every worker serves warm rots on disk and `/admin/verify` on the leader "
+               "quarantines it (deleted upstream): at once, every request by digest gets 404",
+    "R-WK-16": "a push notification on the leader moves a tag every worker serves warm (within its TTL): "
+               "once the leader settled it, every worker serves the new manifest",
 }
 
 
@@ -383,3 +392,207 @@ async def test_filler_shut_down_leaves_its_bytes(tmp_path, faults, upstream, ups
         assert await get_blob(node.url, repo, digest) == ("ok", data)
     finally:
         node.close()
+
+
+# --------------------------------------------------------------------------- coherence (R-WK-13..16)
+
+SPREAD = 64  # separate connections: SO_REUSEPORT spreads them over every worker (4 workers miss none)
+
+
+async def spread(url: str, path: str, count: int = SPREAD) -> list[tuple[int, bytes]]:
+    """`count` GETs, each on its own connection (so on a kernel-chosen worker): (status, body)."""
+    async def one() -> tuple[int, bytes]:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=ACCEPT,
+                                     transport=httpx.AsyncHTTPTransport(retries=2)) as client:
+            response = await client.get(path)  # (retries: connection attempts only, never a request)
+            return response.status_code, response.content
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def all_unknown(results: list[tuple[int, bytes]]) -> bool:
+    """Every answer is the spec's 404 with MANIFEST_UNKNOWN in its JSON body."""
+    return all(status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+               for status, body in results)
+
+
+async def warm_everywhere(node: NodeProcess, image: Any) -> None:
+    """Every worker serves the image's manifest by tag and by digest from memory afterwards."""
+    for reference in ("v1", image.digest):
+        results = await spread(node.url, f"/v2/{image.repo}/manifests/{reference}")
+        assert results == [(200, image.manifest)] * SPREAD, reference
+
+
+async def admin(debug_port: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{debug_port}", timeout=60) as client:
+        return await client.request(method, path, **kwargs)
+
+
+async def coherence_node(tmp_path: Path, faults: FaultRelay) -> tuple[NodeProcess, int]:
+    debug_port = free_port()
+    return start_node(tmp_path / "node", faults, 4, debug_port=debug_port, tag_ttl="1h"), debug_port
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-13"])
+async def test_purge_on_the_leader_reaches_every_worker_at_once(tmp_path, faults, upstream, upstream_client,
+                                                                case_id) -> None:
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        image = await images.push_image(upstream_client, upstream.url, f"workers/purge-{uuid.uuid4().hex[:8]}",
+                                        "v1")
+        await warm_everywhere(node, image)
+        await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
+        purged = await admin(debug_port, "POST", "/admin/purge", json={"reference": f"{image.repo}:v1"})
+        assert purged.status_code == 200 and purged.json()["objects"] >= 1, purged.text
+        for reference in ("v1", image.digest):
+            assert all_unknown(await spread(node.url, f"/v2/{image.repo}/manifests/{reference}")), reference
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-14"])
+async def test_delete_notifications_reach_every_worker_at_once(tmp_path, faults, upstream, upstream_client,
+                                                               case_id) -> None:
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        by_tag = await images.push_image(upstream_client, upstream.url, f"workers/del-{uuid.uuid4().hex[:8]}",
+                                         "v1")
+        by_digest = await images.push_image(upstream_client, upstream.url,
+                                            f"workers/del-{uuid.uuid4().hex[:8]}", "v1")
+        for image in (by_tag, by_digest):
+            await warm_everywhere(node, image)
+            await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
+        events = [{"action": "delete", "target": {"repository": by_tag.repo, "tag": "v1"}},
+                  {"action": "delete", "target": {"repository": by_digest.repo, "digest": by_digest.digest}}]
+        sent = await admin(debug_port, "POST", "/admin/notify", json={"events": events})
+        assert sent.status_code == 200 and sent.json()["acted"] == 2, sent.text
+        await wait_until(lambda: f"forgot tag {by_tag.repo}:v1" in node.log_text()
+                         and f"forgot {by_digest.repo}@{by_digest.digest}" in node.log_text())
+        assert all_unknown(await spread(node.url, f"/v2/{by_tag.repo}/manifests/v1"))
+        for reference in ("v1", by_digest.digest):
+            assert all_unknown(await spread(node.url, f"/v2/{by_digest.repo}/manifests/{reference}")), reference
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-15"])
+async def test_quarantine_on_the_leader_reaches_every_worker_at_once(tmp_path, faults, upstream,
+                                                                     upstream_client, case_id) -> None:
+    from mirror.registry.digest import Digest
+    from mirror.storage.blobstore import BlobStore
+
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        image = await images.push_image(upstream_client, upstream.url, f"workers/rot-{uuid.uuid4().hex[:8]}",
+                                        "v1")
+        await warm_everywhere(node, image)
+        await images.delete_manifest(upstream_client, upstream.url, image.repo, image.digest)
+        stored = BlobStore(node.store).path(Digest.parse(image.digest))
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size: only a hash finds it
+        stored.write_bytes(bytes(data))
+        verified = await admin(debug_port, "POST", "/admin/verify")
+        assert verified.status_code == 200 and image.digest in verified.json()["quarantined"], verified.text
+        assert all_unknown(await spread(node.url, f"/v2/{image.repo}/manifests/{image.digest}"))
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("case_id", ["R-WK-16"])
+async def test_a_pushed_tag_reaches_every_worker(tmp_path, faults, upstream, upstream_client, case_id) -> None:
+    node, debug_port = await coherence_node(tmp_path, faults)
+    try:
+        repo = f"workers/push-{uuid.uuid4().hex[:8]}"
+        first = await images.push_image(upstream_client, upstream.url, repo, "v1")
+        await warm_everywhere(node, first)
+        second = await images.push_image(upstream_client, upstream.url, repo, "v1", layers=[2048])
+        assert second.digest != first.digest
+        event = {"action": "push", "target": {"repository": repo, "tag": "v1", "digest": second.digest,
+                                              "mediaType": second.media_type}}
+        sent = await admin(debug_port, "POST", "/admin/notify", json={"events": [event]})
+        assert sent.status_code == 200 and sent.json()["acted"] == 1, sent.text
+        await wait_until(lambda: f"push notification {repo}:v1" in node.log_text(), timeout=60)
+        assert await spread(node.url, f"/v2/{repo}/manifests/v1") == [(200, second.manifest)] * SPREAD
+    finally:
+        node.close()
+
+
+# --------------------------------------------------------------------------- the default count
+
+
+def fake_cgroup(tmp_path: Path, own: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup mount under tmp_path and a /proc/self/cgroup naming `own`."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text(own)
+    return root, proc
+
+
+def test_workers_default_to_the_cpus_available(monkeypatch) -> None:
+    from mirror.config import load_settings
+    from mirror.workers import available_cpus, worker_count
+
+    settings = load_settings(None, {})
+    assert settings.mirror.workers == 0  # auto
+    assert worker_count(settings) == available_cpus() >= 1
+    assert worker_count(load_settings(None, {"REGISTRY_MIRROR_WORKERS": "auto"})) == available_cpus()
+    assert worker_count(load_settings(None, {"REGISTRY_MIRROR_WORKERS": "3"})) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "lots", "1.5", "true"])
+def test_a_bad_worker_count_is_one_line_naming_the_key(value) -> None:
+    from mirror.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {"REGISTRY_MIRROR_WORKERS": value})
+    assert str(refused.value).startswith("config: mirror.workers: ") and "\n" not in str(refused.value)
+
+
+def test_a_cgroup_v2_cpu_quota_caps_the_count(tmp_path, monkeypatch) -> None:
+    from mirror import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    root, proc = fake_cgroup(tmp_path, "0::/kubepods/pod1/app\n", {
+        "cpu.max": "max 100000\n",
+        "kubepods/cpu.max": "800000 100000\n",
+        "kubepods/pod1/app/cpu.max": "250000 100000\n"})  # 2.5 CPUs: 2 workers
+    assert workers.available_cpus(root, proc) == 2
+    (root / "kubepods/pod1/app/cpu.max").write_text("50000 100000\n")  # half a CPU: still one
+    assert workers.available_cpus(root, proc) == 1
+    (root / "kubepods/pod1/app/cpu.max").write_text("max 100000\n")  # unlimited: the ancestor's 8
+    assert workers.available_cpus(root, proc) == 8
+    root, proc = fake_cgroup(tmp_path / "ns", "0::/\n", {"cpu.max": "max 100000\n"})  # a namespaced view
+    assert workers.available_cpus(root, proc) == 16
+
+
+def test_a_cgroup_v1_cpu_quota_caps_the_count(tmp_path, monkeypatch) -> None:
+    from mirror import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    root, proc = fake_cgroup(tmp_path, "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    assert workers.available_cpus(root, proc) == 3
+    assert workers.available_cpus(root, tmp_path / "no-such-file") == 4  # no cgroup: the affinity
+
+
+def test_a_cgroup_memory_limit_caps_the_count(tmp_path, monkeypatch) -> None:
+    from mirror import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    root, proc = fake_cgroup(tmp_path, "0::/pod\n", {
+        "cpu.max": "max 100000\n", "pod/cpu.max": "max 100000\n",
+        "pod/memory.max": f"{1 << 30}\n"})  # 1 GiB, no CPU limit: 4 workers, not 64
+    assert workers.available_cpus(root, proc) == 4
+    (root / "pod/memory.max").write_text("max\n")
+    assert workers.available_cpus(root, proc) == 64
+    (root / "pod/memory.max").write_text(f"{100 << 20}\n")  # under one budget: still one
+    assert workers.available_cpus(root, proc) == 1
+    root, proc = fake_cgroup(tmp_path / "v1", "5:memory:/docker/x\n", {
+        "memory/memory.limit_in_bytes": f"{(1 << 63) - 4096}\n",
+        "memory/docker/x/memory.limit_in_bytes": f"{2 << 30}\n"})
+    assert workers.available_cpus(root, proc) == 8

@@ -38,7 +38,7 @@ def test_push_of_a_1gib_layer_keeps_the_node_small(upstream, tmp_path: Path) -> 
         digest.update(chunk)
     expected = f"sha256:{digest.hexdigest()}"
     port = free_port()
-    config = mirror_config(tmp_path, upstream.url, passthrough_writes=True)
+    config = mirror_config(tmp_path, upstream.url, passthrough_writes=True, workers=1)  # one process's RSS
     config["http"]["addr"] = f"127.0.0.1:{port}"
     config["log"]["level"] = "warn"
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config))

@@ -7,16 +7,19 @@ digest when they entered, and a digest's bytes never change.
 Coherence is the metadata's, not this map's: a hit is only served after
 the metadata's in-process maps still say the object is recorded as a
 manifest and linked to the repository (and, for a tag, that the tag points
-at it within the TTL). Everything this process deletes (purge, a
+at it within the TTL). Everything any process of the node deletes (purge, a
 notification's tag delete, quarantine on bit rot, eviction) goes through
-:class:`~mirror.storage.metadata.Metadata`, which drops those entries, so a
-deleted manifest is never served from here by the process that deleted it.
+:class:`~mirror.storage.metadata.Metadata`, which drops those entries here
+and, through the shared invalidation ring (:mod:`mirror.storage.coherence`),
+in every other worker before its next lookup; so a deleted manifest is never
+served from here, by any worker.
 
-Another process sharing the store may delete objects behind this one's
-back; an entry is therefore trusted for `recheck` seconds (the tag TTL),
-after which the next request reads and re-hashes the stored file again
-(a file gone or rotten is then forgotten or quarantined as before). The
-recheck runs on the wall clock, as the tag TTL does.
+An entry is still trusted only for `recheck` seconds (the tag TTL), after
+which the next request reads and re-hashes the stored file again (a file
+gone or rotten is then forgotten or quarantined as before): that is the
+bit-rot check of a manifest that stays hot, and it bounds what a change
+made to the store by hand leaves visible. The recheck runs on the wall
+clock, as the tag TTL does.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ class HotManifests:
 
     Args:
         recheck: seconds an entry is served before the stored file is read
-            (and hashed) again; bounds what another process's delete leaves
-            visible here.
+            (and hashed) again.
         max_bytes: the bound on the bytes held; the least recently used
             entries fall out first.
     """

@@ -5,6 +5,15 @@ is not), one connection per process, used from one dedicated worker thread so
 the event loop never blocks on it. Hot reads are answered from small
 in-process maps that mirror what this process wrote or read; they are an
 optimisation only, the database stays the truth shared between processes.
+
+The maps stay coherent across processes (worker processes, `mirror.workers`):
+every delete, unlink, forget and tag write is published, after its SQL, on
+the shared ring of :mod:`mirror.storage.coherence`, and every cached lookup
+first catches up with that ring (one load from shared memory when nothing
+changed). A row read from SQLite is kept only if nothing was published,
+and this process wrote nothing, while it was read, so a read racing a
+delete cannot bring the old row back; a process skips its own publications
+(its maps already hold their outcome) unless others published before them.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror.registry.digest import Digest
+from mirror.storage.coherence import EVERYTHING, Invalidations
 
 T = TypeVar("T")
 
@@ -100,6 +110,10 @@ class Metadata:
         self._links = _LRU(memory_entries)
         self._objects = _LRU(memory_entries)
         self._accessed: dict[str, float] = {}
+        self.invalidations = Invalidations(path.with_name(f"{path.stem}.invalidations"))
+        self._seen = 0  # the invalidations' generation these maps reflect
+        self._generation: Any = (0,)  # the mapped generation, once open (mirror.storage.coherence)
+        self._writes = 0  # this process's tag/link/object writes begun (a read spanning one is not kept)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -116,6 +130,9 @@ class Metadata:
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(SCHEMA)
         self._db = db
+        self.invalidations.open()
+        self._generation = self.invalidations.counter
+        self._seen = self._generation[0]
 
     async def close(self) -> None:
         """Flush access times and close the connection."""
@@ -124,6 +141,8 @@ class Metadata:
         self._executor.shutdown(wait=True)
 
     def _close_sync(self) -> None:
+        self._generation = (self._seen,)
+        self.invalidations.close()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -132,11 +151,58 @@ class Metadata:
         assert self._db is not None, "metadata not open"
         return self._db.execute(query, params).fetchall()
 
+    # -- coherence across processes (mirror.storage.coherence) ---------------
+
+    def _heed(self) -> tuple[int, int]:
+        """Drop what other processes invalidated since we last looked; a mark for :meth:`_still`."""
+        if self._generation[0] != self._seen:  # the hot path: one load from shared memory
+            keys, self._seen = self.invalidations.since(self._seen)
+            self._drop(keys)
+        return self._seen, self._writes
+
+    def _still(self, mark: tuple[int, int]) -> bool:
+        """Nothing was invalidated or written since `mark`: a row read meanwhile may be kept."""
+        return self._generation[0] == mark[0] and self._writes == mark[1]
+
+    def _drop(self, keys: list[str] | None) -> None:
+        """Forget invalidated keys (None: everything) from the in-process maps."""
+        if keys is None or EVERYTHING in keys:
+            self._tags.clear()
+            self._links.clear()
+            self._objects.clear()
+            return
+        objects: set[str] = set()
+        tags_to: set[tuple[str, str]] = set()
+        for key in keys:
+            kind, *parts = key.split("\n")
+            if kind == "tag":
+                self._tags.pop(tuple(parts), None)
+            elif kind == "link":
+                self._links.pop(tuple(parts), None)
+            elif kind == "object":
+                objects.add(parts[0])
+                self._objects.pop(parts[0], None)
+            elif kind == "tags-to":
+                tags_to.add((parts[0], parts[1]))
+        if tags_to:
+            for tag_key in [k for k, v in self._tags.items() if (k[0], str(v.digest)) in tags_to]:
+                self._tags.pop(tag_key, None)
+        if objects:
+            for link_key in [k for k in self._links if k[1] in objects]:
+                self._links.pop(link_key, None)
+
+    def _publish(self, kind: str, *parts: str) -> None:
+        """Tell every other process (after the SQL) to drop one key."""
+        before, after = self.invalidations.publish(["\n".join((kind, *parts))])
+        if before == self._seen:  # nothing of others' missed: our maps already hold the outcome
+            self._seen = after
+
     # -- tags ---------------------------------------------------------------
 
     async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
         """The cached tag record, or None."""
         key = (repo, tag)
+        seen = self._heed()
         record = self._tags.recall(key)
         if record is None:
             rows = await self._run(
@@ -145,7 +211,8 @@ class Metadata:
             if not rows:
                 return None
             record = TagRecord(Digest.parse(rows[0][0]), rows[0][1], rows[0][2])
-            self._tags.remember(key, record)
+            if self._still(seen):
+                self._tags.remember(key, record)
         return record
 
     async def reload_tag(self, repo: str, tag: str) -> TagRecord | None:
@@ -156,16 +223,20 @@ class Metadata:
     async def put_tag(self, repo: str, tag: str, record: TagRecord) -> None:
         """Record what upstream said a tag points at, and when."""
         self._tags.remember((repo, tag), record)
+        self._writes += 1
         await self._run(
             self._sql,
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
             (repo, tag, str(record.digest), record.media_type, record.fetched_at),
         )
+        self._publish("tag", repo, tag)  # moved, or expired by a notification: others reread it
 
     async def delete_tag(self, repo: str, tag: str) -> None:
         """Forget a tag (upstream said it is gone or denied)."""
         self._tags.pop((repo, tag), None)
+        self._writes += 1
         await self._run(self._sql, "DELETE FROM tags WHERE repo=? AND tag=?", (repo, tag))
+        self._publish("tag", repo, tag)
 
     async def get_tag_list(self, repo: str) -> tuple[list[str], float] | None:
         """The last tag list upstream gave for `repo`, with its fetch time."""
@@ -185,10 +256,11 @@ class Metadata:
     async def is_linked(self, repo: str, digest: Digest) -> bool:
         """True when `digest` was fetched through (or confirmed in) `repo`."""
         key = (repo, str(digest))
+        seen = self._heed()
         if self._links.recall(key):
             return True
         rows = await self._run(self._sql, "SELECT 1 FROM links WHERE repo=? AND digest=?", key)
-        if rows:
+        if rows and self._still(seen):
             self._links.remember(key, True)
         return bool(rows)
 
@@ -203,13 +275,17 @@ class Metadata:
         """Forget that `repo` holds `digest` (deleted upstream through this node)."""
         key = (repo, str(digest))
         self._links.pop(key, None)
+        self._writes += 1
         await self._run(self._sql, "DELETE FROM links WHERE repo=? AND digest=?", key)
+        self._publish("link", *key)
 
     async def delete_tags_to(self, repo: str, digest: Digest) -> None:
         """Forget every tag of `repo` that points at `digest`."""
         for key in [k for k, v in self._tags.items() if k[0] == repo and v.digest == digest]:
             self._tags.pop(key, None)
+        self._writes += 1
         await self._run(self._sql, "DELETE FROM tags WHERE repo=? AND digest=?", (repo, str(digest)))
+        self._publish("tags-to", repo, str(digest))
 
     async def repositories(self) -> list[str]:
         """Every repository this node holds content for, sorted."""
@@ -221,13 +297,15 @@ class Metadata:
     async def get_object(self, digest: Digest) -> ObjectRecord | None:
         """The recorded size and media type of a stored object."""
         key = str(digest)
+        seen = self._heed()
         record = self._objects.recall(key)
         if record is None:
             rows = await self._run(self._sql, "SELECT size, media_type FROM objects WHERE digest=?", (key,))
             if not rows:
                 return None
             record = ObjectRecord(rows[0][0], rows[0][1])
-            self._objects.remember(key, record)
+            if self._still(seen):
+                self._objects.remember(key, record)
         return record
 
     async def put_object(self, digest: Digest, size: int, media_type: str | None) -> None:
@@ -250,7 +328,9 @@ class Metadata:
         self._objects.pop(key, None)
         for link_key in [k for k in self._links if k[1] == key]:
             self._links.pop(link_key, None)
+        self._writes += 1
         await self._run(self._forget_sync, key)
+        self._publish("object", key)
 
     def _forget_sync(self, key: str) -> None:
         self._sql("DELETE FROM objects WHERE digest=?", (key,))
