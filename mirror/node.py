@@ -30,7 +30,6 @@ from mirror.workers import current_role, is_leader, link_share, worker_count
 
 log = logging.getLogger(__name__)
 
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 #: Distinct unknown `?ns=` values logged (each once); later ones are only counted.
 UNKNOWN_NAMESPACES_LOGGED = 100
 
@@ -51,22 +50,22 @@ class Node:
     access: AccessController
     metrics: Metrics
     uploads: Uploads
-    ops: Operations = field(init=False, repr=False)  # prewarm, notifications, keep-fresh
-    quota: Quota = field(init=False, repr=False)  # disk quota, eviction, pins, open readers
-    integrity: Integrity = field(init=False, repr=False)  # objects hashed on first serve, corrupt ones
-    scrubber: Scrubber = field(init=False, repr=False)  # the paced background re-hash of the store
+    quota: Quota = field(repr=False)  # disk quota, eviction, pins, open readers
+    integrity: Integrity = field(repr=False)  # objects hashed on first serve, corrupt ones
+    scrubber: Scrubber = field(repr=False)  # the paced background re-hash of the store
+    #: Prewarm, notifications, keep-fresh: the operator's layer over the services above, built
+    #: by the node over itself (the one part that takes the whole node).
+    ops: Operations = field(init=False, repr=False)
     draining: bool = field(default=False, init=False)  # SIGTERM received: readiness answers 503
     unknown_namespaces: set[str] = field(default_factory=set, init=False, repr=False)  # logged once
+
+    def __post_init__(self) -> None:
+        self.ops = Operations(self)
 
     @property
     def namespaces(self) -> frozenset[str]:
         """The `?ns=` values (containerd) that name our upstream, with `mirror.names`."""
-        host = urlsplit(self.upstream.base_url).netloc.lower()
-        names = {host, host.split(":")[0] if host.endswith((":443", ":80")) else host}
-        names |= set(self.settings.mirror.names)
-        if names & DOCKER_HUB_HOSTS:
-            names |= DOCKER_HUB_HOSTS
-        return frozenset(names)
+        return default_names(self.upstream.base_url, self.settings.mirror.names)
 
     def serves_namespace(self, ns: str) -> bool:
         """Whether `?ns=ns` names our upstream; an unknown value is counted, and logged once.
@@ -126,44 +125,46 @@ def open_registries(settings: Settings, transport: object = None) -> Registries:
 
 
 async def open_node(settings: Settings, transport: object = None) -> Node:
-    """Open the store and metadata, sweep leftovers, build the services."""
+    """Open the store and metadata, sweep leftovers, build the services.
+
+    Each service is built once its parts exist and receives them in its
+    constructor: metrics first (everything counts), then storage, upstream,
+    the quota, the proxy services over them, access control, integrity, and
+    last the node with its operations. The leader worker (`mirror.workers`)
+    also starts the node's single-instance loops.
+    """
     warn_unnamed_upstream(settings)
+    mirror = settings.mirror
+    shared = current_role() is not None  # worker processes share the store and metadata
+    leader = is_leader()  # one process of the node runs the single-instance services
+    metrics = Metrics()
     store = BlobStore(settings.storage.root)
     store.open()
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")
     await metadata.open()
-    mirror = settings.mirror
     upstream = open_registries(settings, transport)
+    upstream.observe(metrics)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
+    quota = Quota(settings, store, metadata, executor, metrics)
     negative = NegativeCache(mirror.negative_ttl)
-    blobs = Blobs(store, metadata, upstream, executor, negative)
+    blobs = Blobs(store, metadata, upstream, executor, negative, quota=quota, metrics=metrics,
+                  shared=shared)
+    metrics.track_inflight(lambda: len(blobs.fetcher.inflight))
     manifests = Manifests(store, metadata, upstream, executor, negative, tag_ttl=mirror.tag_ttl,
-                          tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
-    manifests.tag_policy = upstream.tag_policy  # per registry (mirror.upstreams[].tag_ttl)
+                          tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size,
+                          metrics=metrics, tag_policy=upstream.tag_policy,  # per registry
+                          tag_locks=TagLocks(settings.metadata_dir / "locks") if shared else None)
     tags = TagLists(metadata, upstream, mirror.tag_ttl)
     access = build_access(settings, upstream)
-    metrics = Metrics()
-    metrics.track_inflight(lambda: len(blobs.fetcher.inflight))
-    upstream.observe(metrics)
-    blobs.fetcher.metrics = metrics
-    manifests.metrics = metrics
-    quota = Quota(settings, store, metadata, executor, metrics, blobs.fetcher)
-    blobs.fetcher.quota = quota
-    leader = is_leader()  # one process of the node runs the single-instance services (mirror.workers)
-    blobs.fetcher.shared = current_role() is not None
-    if blobs.fetcher.shared:
-        manifests.tag_locks = TagLocks(settings.metadata_dir / "locks")
     await quota.start(housekeeping=leader)  # usage, reserve; the leader flushes, repairs, evicts
+    integrity = Integrity(store, metadata, executor, metrics)
+    scrubber = Scrubber(store, integrity, metrics, mirror.scrub.interval,
+                        busy=lambda: integrity.busy or bool(blobs.fetcher.inflight))
     node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
-                access, metrics, Uploads(store, executor))
-    node.quota = quota
-    node.integrity = Integrity(store, metadata, executor, metrics)
-    node.scrubber = Scrubber(store, node.integrity, metrics, mirror.scrub.interval,
-                             busy=lambda: node.integrity.busy or bool(blobs.fetcher.inflight))
+                access, metrics, Uploads(store, executor), quota, integrity, scrubber)
     if leader:
-        node.scrubber.start()
-    node.ops = Operations(node)
-    node.ops.start(leader=leader, shared=blobs.fetcher.shared)
+        scrubber.start()
+    node.ops.start(leader=leader, shared=shared)
     return node
 
 

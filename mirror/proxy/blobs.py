@@ -13,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from mirror.observe.metrics import Metrics
 from mirror.proxy.fetcher import BlobFetch, Fetcher
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.waits import within
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
+from mirror.storage.quota import Quota
 from mirror.upstream.client import Upstream
 from mirror.upstream.credential import Credential
 
@@ -46,11 +48,14 @@ class Blobs:
     """
 
     def __init__(self, store: BlobStore, metadata: Metadata, upstream: Upstream,
-                 executor: ThreadPoolExecutor, negative: NegativeCache) -> None:
+                 executor: ThreadPoolExecutor, negative: NegativeCache, *, quota: Quota,
+                 metrics: Metrics, shared: bool = False) -> None:
+        """`shared`: worker processes share the store (mirror.workers); see :class:`Fetcher`."""
         self.store = store
         self.metadata = metadata
-        self.fetcher = Fetcher(store, upstream, executor, self.on_commit)
-        self.fetcher.confirm = self.ensure_linked  # a fill through another repository (another worker's)
+        self.fetcher = Fetcher(store, upstream, executor, on_commit=self.on_commit,
+                               confirm=self.ensure_linked,  # a fill through another repository
+                               quota=quota, metrics=metrics, shared=shared)
         self.upstream = upstream
         self.executor = executor
         self.negative = negative
