@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mirror.api.handlers import NODE
 from mirror.observe.metrics import Metrics, sample_sum
 from mirror.storage.metadata import Metadata
+from mirror.web.keys import NODE
 
 log = logging.getLogger(__name__)
 

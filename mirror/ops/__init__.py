@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from mirror.api.external import client_address, external_base
 from mirror.ops.events import PullEvents, source
 from mirror.ops.notify import Notifications
 from mirror.ops.popularity import HAND_OFF_INTERVAL, KeepFresh, Popularity
@@ -25,6 +24,7 @@ from mirror.ops.prewarm import Warmer
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Tag
 from mirror.storage.pins import PinKey, Pins
+from mirror.web.external import client_address, external_base
 
 if TYPE_CHECKING:
     from mirror.node import Node
