@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from mirror import errors
-from mirror.ops.prewarm import parse_image
+from mirror.registry.reference import parse_image
 from mirror.web.keys import NODE
 
 MAX_IMAGES = 10_000

@@ -40,15 +40,14 @@ from mirror import errors
 from mirror.proxy.fetcher import BlobFetch
 from mirror.proxy.negative import NOT_FOUND
 from mirror.registry import manifest as manifests
-from mirror.registry.digest import Digest, is_digest
-from mirror.registry.reference import RepositoryName, Tag
+from mirror.registry.digest import Digest
+from mirror.registry.reference import ImageRef, parse_image
 from mirror.upstream.budget import background
 from mirror.upstream.credential import Credential
 
 if TYPE_CHECKING:
     from mirror.node import Node
     from mirror.proxy.manifests import ManifestResult
-    from mirror.upstream.registries import Registries
 
 log = logging.getLogger(__name__)
 
@@ -61,66 +60,9 @@ BLOB_CONCURRENCY = 4
 KEEP_JOBS = 100
 SAVE_EVERY = 1.0  # seconds between progress saves of a running job
 DEFAULT_PLATFORM = "linux/amd64"
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
 #: pin(repo, reference, top digest, objects): keep one image's objects from eviction.
 Pin = Callable[[str, str, Digest, list[Digest]], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRef:
-    """A parsed image reference: repository plus tag or digest."""
-
-    text: str
-    repo: str
-    tag: str | None = None
-    digest: Digest | None = None
-
-    @property
-    def reference(self) -> str:
-        return str(self.digest) if self.digest is not None else str(self.tag)
-
-
-def parse_image(text: str, namespaces: frozenset[str] = frozenset(),
-                registries: Registries | None = None) -> ImageRef:
-    """`[host/]repo[:tag][@digest]` as docker writes it; the tag defaults to `latest`.
-
-    A leading registry host is accepted only when it names this node's
-    upstream (`namespaces`) or another of its `registries` (`ghcr.io/org/app`:
-    the repository is then keyed `<prefix>/org/app`, see
-    :mod:`mirror.upstream.registries`); a one-component name on Docker Hub
-    gets its `library/` prefix, as docker adds it.
-
-    Raises:
-        NameInvalid, TagInvalid, DigestInvalid: the reference is malformed.
-    """
-    rest = text.strip()
-    digest = None
-    if "@" in rest:
-        rest, _, raw_digest = rest.partition("@")
-        if not is_digest(raw_digest):
-            raise errors.DigestInvalid(f"invalid digest in {text!r}")
-        digest = Digest.parse(raw_digest)
-    tag = None
-    slash, colon = rest.rfind("/"), rest.rfind(":")
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1:]
-        Tag.parse(tag)
-    first, sep, remainder = rest.partition("/")
-    other = registries.named(first) if registries is not None and sep else None
-    if other is not None and other.prefix is not None and first.lower() not in namespaces:
-        RepositoryName.parse(remainder)
-        rest, namespaces = other.key(remainder), frozenset()
-    elif sep and ("." in first or ":" in first or first == "localhost"):
-        if first.lower() not in namespaces:
-            raise errors.NameInvalid(f"{text!r} names registry {first!r}, not this mirror's upstream")
-        rest = remainder
-    if "/" not in rest and namespaces & DOCKER_HUB_HOSTS:
-        rest = f"library/{rest}"
-    repo = RepositoryName.parse(rest).value
-    if digest is None and tag is None:
-        tag = "latest"
-    return ImageRef(text, repo, tag, digest)
 
 
 def parse_platforms(value: str | None) -> list[manifests.Platform] | None:

@@ -43,11 +43,10 @@ import httpx
 
 from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
+from mirror.registry.reference import DOCKER_HUB_HOSTS
 from mirror.upstream.auth import Challenge
 from mirror.upstream.client import BlobStream, ManifestHead, Upstream, UpstreamManifest
 from mirror.upstream.credential import Credential
-
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
 
 @dataclass(frozen=True, slots=True)
