@@ -21,6 +21,7 @@ from mirror.ops.events import PullEvents, source
 from mirror.ops.notify import Notifications
 from mirror.ops.popularity import HAND_OFF_INTERVAL, KeepFresh, Popularity
 from mirror.ops.prewarm import Warmer
+from mirror.proxy.tagrefresh import TagRefresher
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Tag
 from mirror.storage.pins import PinKey, Pins
@@ -49,13 +50,14 @@ class Operations:
         self.pins = Pins(node.metadata)
         self.warmer = Warmer(node, pin=self.pin)
         self.jobs = self.warmer.jobs
-        self.notifications = Notifications(node, self.warmer)
+        self.refresher = TagRefresher(node.manifests, node.metadata, node.upstream, self.warmer.warm_digest)
+        self.notifications = Notifications(node, self.warmer, self.refresher)
         self.events = PullEvents(settings.notifications, source(settings.http.bind, self.instance_id),
                                  node.metrics.registry, settings.metadata_dir / "events")
         self.popularity = Popularity(settings.metadata_dir / "popularity.json")
         prefetch = settings.mirror.prefetch
         self.keep_fresh = KeepFresh(self.popularity, prefetch.keep_fresh, prefetch.interval,
-                                    self.warmer.refresh_tag)
+                                    self.refresher.refresh)
         self._hand_off: asyncio.Task[None] | None = None  # a non-leader worker's pull counts to the leader
 
     def start(self, leader: bool = True, shared: bool = False) -> None:

@@ -52,6 +52,7 @@ from mirror.upstream.budget import background
 if TYPE_CHECKING:
     from mirror.node import Node
     from mirror.ops.prewarm import Warmer
+    from mirror.proxy.tagrefresh import TagRefresher
     from mirror.upstream.registries import Registry
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,10 @@ def parse_envelope(body: bytes) -> list[dict[str, Any]]:
 class Notifications:
     """Acts on received envelopes and forwards them to the edge zones."""
 
-    def __init__(self, node: Node, warmer: Warmer) -> None:
+    def __init__(self, node: Node, warmer: Warmer, refresher: TagRefresher) -> None:
         self.node = node
         self.warmer = warmer
+        self.refresher = refresher
         self.rules = node.settings.mirror.prefetch.rules
         self.forward_to = node.settings.mirror.notify.forward_to
         self.settle = SETTLE
@@ -206,8 +208,8 @@ class Notifications:
             return  # never served here: nothing to keep current
         if record is not None:
             await self._invalidate(repo, tag)
-        outcome = await self.warmer.refresh_tag(repo, tag, expect=digest, settle=self.settle,
-                                                warm=self.matches_rules(repo))
+        outcome = await self.refresher.refresh(repo, tag, expect=digest, settle=self.settle,
+                                               warm=self.matches_rules(repo))
         log.info("push notification %s:%s -> %s", repo, tag, outcome)
 
     async def _invalidate(self, repo: str, tag: str) -> None:

@@ -17,9 +17,8 @@ and at most every :data:`SAVE_EVERY` seconds of progress). A job a restart or
 a crash interrupted is started again under its id when the node starts: what
 it had stored counts as already cached, so it goes on where it stopped.
 
-The same machinery refreshes a tag (:meth:`Warmer.refresh_tag`) for push
-notifications and keep-fresh: HEAD upstream, fetch what moved, then point
-the tag.
+The same machinery warms what a tag moved to when it is refreshed
+(:mod:`mirror.proxy.tagrefresh`: push notifications and keep-fresh).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from diskcache import Index
 
 from mirror import errors
 from mirror.proxy.fetcher import BlobFetch
-from mirror.proxy.negative import NOT_FOUND
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
 from mirror.registry.reference import ImageRef, parse_image
@@ -433,7 +431,7 @@ class Warmer:
             await node.blobs.ensure_linked(repo, digest, Credential.node())
         return False, 0 if joined else fetch.written
 
-    # -- refresh (notifications, keep-fresh) ----------------------------------------
+    # -- what a refreshed tag moved to (mirror.proxy.tagrefresh) ---------------------
 
     async def warm_digest(self, repo: str, digest: Digest,
                           platforms: list[manifests.Platform] | None = None, *,
@@ -444,78 +442,3 @@ class Warmer:
         ref = ImageRef(job.images[0], repo, None, digest)
         await self._run_job(job, [ref], platforms, blobs=blobs)
         return job
-
-    async def warmed_platforms(self, repo: str, digest: Digest | None) -> list[manifests.Platform] | None:
-        """The platforms of `digest` (an index) this node holds: what to warm of its successor.
-
-        None (warm every platform) when the old version is unknown or not an index.
-        """
-        if digest is None:
-            return None
-        record = await self.node.metadata.get_object(digest)
-        if record is None or record.media_type is None:
-            return None
-        try:
-            old = await self.node.manifests.by_digest(repo, digest, Credential.node())
-            parsed = manifests.parse(old.raw, old.media_type)
-        except (errors.RegistryError, ValueError):
-            return None
-        if not parsed.is_index:
-            return None
-        held = []
-        for child in parsed.children:
-            if child.platform is not None and await self.node.metadata.get_object(child.digest) is not None:
-                held.append(child.platform)
-        return held or None
-
-    async def refresh_tag(self, repo: str, tag: str, *, expect: Digest | None = None,
-                          settle: float = 0.0, warm: bool = True) -> dict[str, Any]:
-        """Re-resolve a tag upstream (HEAD); fetch what moved, then point the tag.
-
-        Args:
-            expect: a digest the tag is said to have moved to (a push
-                event). Upstream may not show it yet (distribution sends the
-                event before it moves the tag), so HEADs are retried for up to
-                `settle` seconds until upstream shows `expect` or anything
-                other than the digest cached before.
-            warm: fetch the new version's blobs too, not only its manifests
-                (an index's children: the platforms of the old version this
-                node held, all platforms if unknown).
-
-        Returns:
-            What happened: `{"digest", "previous", "changed"}`.
-        """
-        node = self.node
-        record = await node.metadata.get_tag(repo, tag)
-        previous = record.digest if record is not None else None
-        deadline = time.monotonic() + settle
-        delay = 0.1
-        while True:
-            try:
-                head = await node.upstream.head_manifest(repo, tag, Credential.node())
-            except NOT_FOUND:  # a new tag may not be there yet either
-                head = None
-            settled = head is not None and (expect is None or head.digest == expect
-                                            or (previous is not None and head.digest != previous))
-            if settled or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        if head is None:
-            if record is not None:
-                await node.metadata.delete_tag(repo, tag)
-            return {"digest": None, "previous": str(previous) if previous else None,
-                    "changed": record is not None}
-        digest = head.digest
-        if digest == previous:
-            assert record is not None
-            await node.manifests.set_tag(repo, tag, digest, record.media_type)
-            return {"digest": str(digest), "previous": str(previous), "changed": False}
-        platforms = await self.warmed_platforms(repo, previous)
-        result = await node.manifests.by_digest(repo, digest, Credential.node())
-        job = await self.warm_digest(repo, digest, platforms, blobs=warm)
-        if job.errors:
-            log.warning("prefetch of %s@%s: %s", repo, digest, job.errors)
-        await node.manifests.set_tag(repo, tag, digest, result.media_type)
-        log.info("tag %s:%s now %s (was %s)", repo, tag, digest, previous)
-        return {"digest": str(digest), "previous": str(previous) if previous else None, "changed": True}
