@@ -105,19 +105,22 @@ def warn_unnamed_upstream(settings: Settings) -> None:
                     "list the registry's names in mirror.names", host)
 
 
-def open_registries(settings: Settings, transport: object = None) -> Registries:
-    """The default upstream and each of `mirror.upstreams`, every one with its own client."""
+def open_registries(settings: Settings, transport: object = None,
+                    metrics: Metrics | None = None) -> Registries:
+    """The default upstream and each of `mirror.upstreams`, every one with its own client
+    (its requests counted in `metrics`, labelled with its prefix or the default's host)."""
     mirror = settings.mirror
     proxy = settings.proxy
     share = worker_count(settings) if current_role() else 1  # a node's link budget, split over workers
     link = partial(link_share, count=share)
     client = Upstream(proxy.remoteurl, proxy.username, proxy.password, link(mirror.upstream),
-                      transport=transport)  # type: ignore[arg-type]
+                      transport=transport, metrics=metrics)  # type: ignore[arg-type]
     default = Registry(None, default_names(proxy.remoteurl, mirror.names), client, mirror.tag_ttl,
                        mirror.tag_max_stale)
     others = [Registry(r.prefix, frozenset(r.names),
                        Upstream(r.remoteurl, r.username, r.password, link(r.upstream),
-                                transport=transport),  # type: ignore[arg-type]
+                                transport=transport, metrics=metrics,  # type: ignore[arg-type]
+                                label=r.prefix),
                        mirror.tag_ttl if r.tag_ttl is None else r.tag_ttl,
                        mirror.tag_max_stale if r.tag_max_stale is None else r.tag_max_stale)
               for r in mirror.upstreams]
@@ -142,8 +145,7 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     store.open()
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")
     await metadata.open()
-    upstream = open_registries(settings, transport)
-    upstream.observe(metrics)
+    upstream = open_registries(settings, transport, metrics)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
     quota = Quota(settings, store, metadata, executor, metrics)
     negative = NegativeCache(mirror.negative_ttl)
