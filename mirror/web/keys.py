@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from mirror.upstream.credential import Credential
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the keys' value types, for type checking only: web/ imports nothing above it
     from mirror.node import Node
+    from mirror.upstream.credential import Credential
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 #: How the request was answered: hit, miss, coalesced, revalidated, stale (access log, metrics).
@@ -23,7 +22,7 @@ CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
 #: The matched route's name (set by dispatch; read by the access log and metrics).
 ROUTE_NAME: web.RequestKey[str] = web.RequestKey("route", str)
 #: Whose credentials this request's upstream calls carry; set by the auth layer, always.
-UPSTREAM_CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("upstream_credential", Credential)
+UPSTREAM_CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("upstream_credential")
 #: The repository name as the client wrote it, when routing keyed it otherwise (`?ns=`, a prefix).
 CLIENT_NAME: web.RequestKey[str] = web.RequestKey("client_name", str)
 #: The registry a repository request belongs to, as metrics label it (`upstream`).
