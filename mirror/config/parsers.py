@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mirror.config.errors import ConfigError
+
+_Number = TypeVar("_Number", int, float)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
 _DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
@@ -89,19 +91,20 @@ def parse_size(value: Any, key: str) -> int:
     return int(Fraction(match[1]) * unit)
 
 
-def _positive_duration(value: Any, key: str) -> float:
-    """A duration where zero would mean "wait forever" or "never", which we never want."""
-    seconds = parse_duration(value, key)
-    if seconds <= 0:
-        raise ConfigError(key, f"must be greater than zero, got {value!r}")
-    return seconds
+def _positive(parse: Callable[[Any, str], _Number]) -> Callable[[Any, str], _Number]:
+    """`parse`, refusing zero: where zero would mean "wait forever" or "never", which we never want."""
+
+    def positive(value: Any, key: str) -> _Number:
+        number = parse(value, key)
+        if number <= 0:
+            raise ConfigError(key, f"must be greater than zero, got {value!r}")
+        return number
+
+    return positive
 
 
-def _positive_size(value: Any, key: str) -> int:
-    size = parse_size(value, key)
-    if size <= 0:
-        raise ConfigError(key, f"must be greater than zero, got {value!r}")
-    return size
+_positive_duration = _positive(parse_duration)
+_positive_size = _positive(parse_size)
 
 
 def _bandwidth(value: Any, key: str) -> int:
@@ -126,11 +129,7 @@ def _non_negative_int(value: Any, key: str) -> int:
     return number
 
 
-def _positive_int(value: Any, key: str) -> int:
-    number = _integer(value, key)
-    if number <= 0:
-        raise ConfigError(key, f"must be greater than zero, got {value!r}")
-    return number
+_positive_int = _positive(_integer)
 
 
 def _workers(value: Any, key: str) -> int:
