@@ -53,14 +53,9 @@ class Node:
     quota: Quota = field(repr=False)  # disk quota, eviction, pins, open readers
     integrity: Integrity = field(repr=False)  # objects hashed on first serve, corrupt ones
     scrubber: Scrubber = field(repr=False)  # the paced background re-hash of the store
-    #: Prewarm, notifications, keep-fresh: the operator's layer over the services above, built
-    #: by the node over itself (the one part that takes the whole node).
-    ops: Operations = field(init=False, repr=False)
+    ops: Operations = field(repr=False)  # prewarm, notifications, pull events, keep-fresh
     draining: bool = field(default=False, init=False)  # SIGTERM received: readiness answers 503
     unknown_namespaces: set[str] = field(default_factory=set, init=False, repr=False)  # logged once
-
-    def __post_init__(self) -> None:
-        self.ops = Operations(self)
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -132,8 +127,8 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
 
     Each service is built once its parts exist and receives them in its
     constructor: metrics first (everything counts), then storage, upstream,
-    the quota, the proxy services over them, access control, integrity, and
-    last the node with its operations. The leader worker (`mirror.workers`)
+    the quota, the proxy services over them, access control, integrity, the
+    operations over those, and last the node that holds them all. The leader worker (`mirror.workers`)
     also starts the node's single-instance loops.
     """
     warn_unnamed_upstream(settings)
@@ -162,11 +157,13 @@ async def open_node(settings: Settings, transport: object = None) -> Node:
     integrity = Integrity(store, metadata, executor, metrics)
     scrubber = Scrubber(store, integrity, metrics, mirror.scrub.interval,
                         busy=lambda: integrity.busy or bool(blobs.fetcher.inflight))
+    ops = Operations(settings, upstream=upstream, metadata=metadata, store=store, executor=executor,
+                     blobs=blobs, manifests=manifests, metrics=metrics)
     node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
-                access, metrics, Uploads(store, executor), quota, integrity, scrubber)
+                access, metrics, Uploads(store, executor), quota, integrity, scrubber, ops)
     if leader:
         scrubber.start()
-    node.ops.start(leader=leader, shared=shared)
+    ops.start(leader=leader, shared=shared)
     return node
 
 

@@ -42,10 +42,17 @@ from mirror.registry.digest import Digest
 from mirror.registry.reference import ImageRef, parse_image
 from mirror.upstream.budget import background
 from mirror.upstream.credential import Credential
+from mirror.upstream.registries import default_names
 
 if TYPE_CHECKING:
-    from mirror.node import Node
-    from mirror.proxy.manifests import ManifestResult
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mirror.config import Settings
+    from mirror.proxy.blobs import Blobs
+    from mirror.proxy.manifests import ManifestResult, Manifests
+    from mirror.storage.blobstore import BlobStore
+    from mirror.storage.metadata import Metadata
+    from mirror.upstream.registries import Registries
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +228,19 @@ class Jobs:
 class Warmer:
     """Fetches manifests and blobs ahead of clients, through the node's services."""
 
-    def __init__(self, node: Node, pin: Pin | None = None) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, upstream: Registries, metadata: Metadata, store: BlobStore,
+                 executor: ThreadPoolExecutor, blobs: Blobs, manifests: Manifests,
+                 pin: Pin | None = None) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.metadata = metadata
+        self.store = store
+        self.executor = executor
+        self.blobs = blobs
+        self.manifests = manifests
         self.pin = pin
-        self.jobs = Jobs(directory=node.settings.metadata_dir / "jobs")
+        self.namespaces = default_names(upstream.base_url, settings.mirror.names)  # as Node.namespaces
+        self.jobs = Jobs(directory=settings.metadata_dir / "jobs")
         self._blob_slots = asyncio.Semaphore(BLOB_CONCURRENCY)
 
     # -- jobs -----------------------------------------------------------------
@@ -235,7 +251,7 @@ class Warmer:
         Raises:
             RegistryError: an image reference or the platform is malformed.
         """
-        refs = [parse_image(text, self.node.namespaces, self.node.upstream) for text in images]
+        refs = [parse_image(text, self.namespaces, self.upstream) for text in images]
         try:
             platforms = parse_platforms(platform)
         except ValueError as exc:
@@ -261,7 +277,7 @@ class Warmer:
             job.bytes_total = job.bytes_completed = 0
             job.errors, job.resolved = [], []
             try:
-                refs = [parse_image(text, self.node.namespaces, self.node.upstream) for text in job.images]
+                refs = [parse_image(text, self.namespaces, self.upstream) for text in job.images]
                 platforms = parse_platforms(job.platform)
             except (errors.RegistryError, ValueError) as exc:
                 job.error("*", f"cannot resume: {exc}")
@@ -355,15 +371,15 @@ class Warmer:
         text = f"{exc.code}: {exc.message}"
         if exc.code not in REFUSALS:
             return text
-        username = self.node.settings.proxy.username
+        username = self.settings.proxy.username
         whose = f"proxy.username {username}" if username else "anonymous: no proxy.username"
         return f"refused upstream ({text}) with the node's own account ({whose})"
 
     async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
         if digest is not None:
-            return await self.node.manifests.by_digest(repo, digest, Credential.node())
+            return await self.manifests.by_digest(repo, digest, Credential.node())
         assert tag is not None
-        return await self.node.manifests.by_tag(repo, tag, Credential.node())
+        return await self.manifests.by_tag(repo, tag, Credential.node())
 
     async def expand(self, repo: str, top: ManifestResult, platforms: list[manifests.Platform] | None
                      ) -> tuple[list[Digest], list[manifests.Manifest]]:
@@ -380,7 +396,7 @@ class Warmer:
             if platforms is not None and not any(
                     child.platform is not None and p.matches(child.platform) for p in platforms):
                 continue
-            result = await self.node.manifests.by_digest(repo, child.digest, Credential.node())
+            result = await self.manifests.by_digest(repo, child.digest, Credential.node())
             listed.append(result.digest)
             child_manifest = manifests.parse(result.raw, result.media_type)
             if not child_manifest.is_index:
@@ -407,15 +423,14 @@ class Warmer:
         Raises:
             RegistryError: the fetch failed.
         """
-        node = self.node
-        record = await node.metadata.get_object(digest)
+        record = await self.metadata.get_object(digest)
         if record is not None:
-            size = await asyncio.get_running_loop().run_in_executor(node.executor, node.store.size, digest)
+            size = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.size, digest)
             if size == record.size:
-                await node.blobs.ensure_linked(repo, digest, Credential.node())
+                await self.blobs.ensure_linked(repo, digest, Credential.node())
                 return True, 0
-        joined = node.fetcher.get(digest) is not None  # a client's (or another job's) download
-        fetch = node.fetcher.start(repo, digest, Credential.node())
+        joined = self.blobs.fetcher.get(digest) is not None  # a client's (or another job's) download
+        fetch = self.blobs.fetcher.start(repo, digest, Credential.node())
         if job is not None:
             job.active[digest] = fetch
         try:
@@ -428,7 +443,7 @@ class Warmer:
         if fetch.relay is not None:  # relayed to its readers uncached (quota, disk full)
             raise errors.Unavailable("the blob could not be cached (store quota or disk full)")
         if fetch.repo != repo:
-            await node.blobs.ensure_linked(repo, digest, Credential.node())
+            await self.blobs.ensure_linked(repo, digest, Credential.node())
         return False, 0 if joined else fetch.written
 
     # -- what a refreshed tag moved to (mirror.proxy.tagrefresh) ---------------------
