@@ -9,7 +9,7 @@ import httpx
 from aiohttp import web
 
 from mirror import errors
-from mirror.api import handlers, middleware
+from mirror.api import middleware
 from mirror.api.server import IN_FLIGHT, InFlight
 from mirror.auth.controller import TOKEN_PATH, TokenAccess, install_reload
 from mirror.auth.relay import TokenRelay
@@ -17,6 +17,7 @@ from mirror.config import Settings
 from mirror.node import Node, close_node, open_node
 from mirror.observe.accesslog import access_log_middleware
 from mirror.upstream.tls import verify_setting
+from mirror.web import keys
 
 if TYPE_CHECKING:
     from mirror.auth.offline import OfflineAuthority
@@ -40,7 +41,7 @@ def create_app(settings: Settings, transport: object = None) -> web.Application:
 
     async def node_context(app: web.Application) -> AsyncIterator[None]:
         node = await open_node(settings, transport)
-        app[handlers.NODE] = node
+        app[keys.NODE] = node
         install_reload(node.access, *([node.zone] if node.zone is not None else []))
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False,
                                      verify=verify_setting()) as token_client:

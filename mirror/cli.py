@@ -80,7 +80,7 @@ def serve_forever(settings: Settings, config: str | None = None) -> int:
 
 async def _serve(settings: Settings) -> None:
     from mirror.api.debug import create_debug_app
-    from mirror.api.handlers import NODE
+    from mirror.web.keys import NODE
     from mirror.api.server import CLEANUP_TIMEOUT, CUT_WAIT, MirrorRunner, drain, warn_if_unguarded
     from mirror.app import create_app
     from mirror.observe.nodetotals import publish, publish_forever

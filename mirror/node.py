@@ -7,7 +7,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.auth.controller import AccessController, build_access
@@ -28,10 +27,10 @@ from mirror.storage.scrub import Integrity, Scrubber
 from mirror.upstream.client import Upstream
 from mirror.upstream.registries import Registries, Registry, default_names
 from mirror.workers import current_role, is_leader, link_share, worker_count
+from mirror.zone.routing import Zone, ZoneSource, open_zone
 
 log = logging.getLogger(__name__)
 
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 #: Distinct unknown `?ns=` values logged (each once); later ones are only counted.
 UNKNOWN_NAMESPACES_LOGGED = 100
 
@@ -52,23 +51,18 @@ class Node:
     access: AccessController
     metrics: Metrics
     uploads: Uploads
-    ops: Operations = field(init=False, repr=False)  # prewarm, notifications, keep-fresh
-    quota: Quota = field(init=False, repr=False)  # disk quota, eviction, pins, open readers
-    integrity: Integrity = field(init=False, repr=False)  # objects hashed on first serve, corrupt ones
-    scrubber: Scrubber = field(init=False, repr=False)  # the paced background re-hash of the store
+    quota: Quota = field(repr=False)  # disk quota, eviction, pins, open readers
+    integrity: Integrity = field(repr=False)  # objects hashed on first serve, corrupt ones
+    scrubber: Scrubber = field(repr=False)  # the paced background re-hash of the store
+    ops: Operations = field(repr=False)  # prewarm, notifications, pull events, keep-fresh
+    zone: Zone | None = field(default=None, repr=False)  # the zone's view and routing; None = alone
     draining: bool = field(default=False, init=False)  # SIGTERM received: readiness answers 503
     unknown_namespaces: set[str] = field(default_factory=set, init=False, repr=False)  # logged once
-    zone: Any = field(default=None, init=False, repr=False)  # mirror.zone.routing.Zone; None = alone
 
     @property
     def namespaces(self) -> frozenset[str]:
         """The `?ns=` values (containerd) that name our upstream, with `mirror.names`."""
-        host = urlsplit(self.upstream.base_url).netloc.lower()
-        names = {host, host.split(":")[0] if host.endswith((":443", ":80")) else host}
-        names |= set(self.settings.mirror.names)
-        if names & DOCKER_HUB_HOSTS:
-            names |= DOCKER_HUB_HOSTS
-        return frozenset(names)
+        return default_names(self.upstream.base_url, self.settings.mirror.names)
 
     def serves_namespace(self, ns: str) -> bool:
         """Whether `?ns=ns` names our upstream; an unknown value is counted, and logged once.
@@ -108,19 +102,22 @@ def warn_unnamed_upstream(settings: Settings) -> None:
                     "list the registry's names in mirror.names", host)
 
 
-def open_registries(settings: Settings, transport: object = None) -> Registries:
-    """The default upstream and each of `mirror.upstreams`, every one with its own client."""
+def open_registries(settings: Settings, transport: object = None,
+                    metrics: Metrics | None = None) -> Registries:
+    """The default upstream and each of `mirror.upstreams`, every one with its own client
+    (its requests counted in `metrics`, labelled with its prefix or the default's host)."""
     mirror = settings.mirror
     proxy = settings.proxy
     share = worker_count(settings) if current_role() else 1  # a node's link budget, split over workers
     link = partial(link_share, count=share)
     client = Upstream(proxy.remoteurl, proxy.username, proxy.password, link(mirror.upstream),
-                      transport=transport)  # type: ignore[arg-type]
+                      transport=transport, metrics=metrics)  # type: ignore[arg-type]
     default = Registry(None, default_names(proxy.remoteurl, mirror.names), client, mirror.tag_ttl,
                        mirror.tag_max_stale)
     others = [Registry(r.prefix, frozenset(r.names),
                        Upstream(r.remoteurl, r.username, r.password, link(r.upstream),
-                                transport=transport),  # type: ignore[arg-type]
+                                transport=transport, metrics=metrics,  # type: ignore[arg-type]
+                                label=r.prefix),
                        mirror.tag_ttl if r.tag_ttl is None else r.tag_ttl,
                        mirror.tag_max_stale if r.tag_max_stale is None else r.tag_max_stale)
               for r in mirror.upstreams]
@@ -128,48 +125,52 @@ def open_registries(settings: Settings, transport: object = None) -> Registries:
 
 
 async def open_node(settings: Settings, transport: object = None) -> Node:
-    """Open the store and metadata, sweep leftovers, build the services."""
-    if is_leader():  # once per node, not once per worker
+    """Open the store and metadata, sweep leftovers, build the services.
+
+    Each service is built once its parts exist and receives them in its
+    constructor: metrics first (everything counts), then storage, upstream,
+    the quota, the proxy services over them, access control, integrity, the
+    operations over those, and last the node that holds them all. The leader worker (`mirror.workers`)
+    also starts the node's single-instance loops.
+    """
+    mirror = settings.mirror
+    shared = current_role() is not None  # worker processes share the store and metadata
+    leader = is_leader()  # one process of the node runs the single-instance services
+    if leader:  # once per node, not once per worker
         warn_unnamed_upstream(settings)
+    metrics = Metrics()
     store = BlobStore(settings.storage.root)
     store.open()
     metadata = Metadata(settings.metadata_dir / "metadata.sqlite")
     await metadata.open()
-    mirror = settings.mirror
-    upstream = open_registries(settings, transport)
+    upstream = open_registries(settings, transport, metrics)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store")
+    quota = Quota(settings, store, metadata, executor, metrics)
+    zone = source = None  # alone: objects come from the upstream registries
+    if mirror.zone is not None:  # per process (each worker routes on its own view): mirror.zone
+        zone = await open_zone(settings, upstream, metrics.registry, store, executor)
+        source = ZoneSource(upstream, zone)  # by digest: the owner, a peer holding it, else the link
     negative = NegativeCache(mirror.negative_ttl)
-    blobs = Blobs(store, metadata, upstream, executor, negative)
-    manifests = Manifests(store, metadata, upstream, executor, negative, tag_ttl=mirror.tag_ttl,
-                          tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size)
-    manifests.tag_policy = upstream.tag_policy  # per registry (mirror.upstreams[].tag_ttl)
+    blobs = Blobs(store, metadata, upstream, executor, negative, quota=quota, metrics=metrics,
+                  shared=shared, source=source, zone=zone)
+    metrics.track_inflight(lambda: len(blobs.fetcher.inflight))
+    manifests = Manifests(store, metadata, source or upstream, executor, negative, tag_ttl=mirror.tag_ttl,
+                          tag_max_stale=mirror.tag_max_stale, max_size=mirror.manifest_max_size,
+                          metrics=metrics, tag_policy=upstream.tag_policy,  # per registry
+                          tag_locks=TagLocks(settings.metadata_dir / "locks") if shared else None)
     tags = TagLists(metadata, upstream, mirror.tag_ttl)
     access = build_access(settings, upstream)
-    metrics = Metrics()
-    metrics.track_inflight(lambda: len(blobs.fetcher.inflight))
-    upstream.observe(metrics)
-    blobs.fetcher.metrics = metrics
-    manifests.metrics = metrics
-    quota = Quota(settings, store, metadata, executor, metrics, blobs.fetcher)
-    blobs.fetcher.quota = quota
-    leader = is_leader()  # one process of the node runs the single-instance services (mirror.workers)
-    blobs.fetcher.shared = current_role() is not None
-    if blobs.fetcher.shared:
-        manifests.tag_locks = TagLocks(settings.metadata_dir / "locks")
     await quota.start(housekeeping=leader)  # usage, reserve; the leader flushes, repairs, evicts
+    integrity = Integrity(store, metadata, executor, metrics)
+    scrubber = Scrubber(store, integrity, metrics, mirror.scrub.interval,
+                        busy=lambda: integrity.busy or bool(blobs.fetcher.inflight))
+    ops = Operations(settings, upstream=upstream, metadata=metadata, store=store, executor=executor,
+                     blobs=blobs, manifests=manifests, metrics=metrics)
     node = Node(settings, store, metadata, upstream, executor, blobs.fetcher, blobs, manifests, tags,
-                access, metrics, Uploads(store, executor))
-    node.quota = quota
-    node.integrity = Integrity(store, metadata, executor, metrics)
-    node.scrubber = Scrubber(store, node.integrity, metrics, mirror.scrub.interval,
-                             busy=lambda: node.integrity.busy or bool(blobs.fetcher.inflight))
+                access, metrics, Uploads(store, executor), quota, integrity, scrubber, ops, zone)
     if leader:
-        node.scrubber.start()
-    node.ops = Operations(node)
-    node.ops.start(leader=leader, shared=blobs.fetcher.shared)
-    if mirror.zone is not None:  # per process (each worker routes on its own view): mirror.zone
-        from mirror.zone.routing import open_zone
-        node.zone = await open_zone(settings, node, transport)
+        scrubber.start()
+    ops.start(leader=leader, shared=shared)
     return node
 
 

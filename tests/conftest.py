@@ -15,11 +15,11 @@ import pytest
 import yaml
 from aiohttp import web
 
-from mirror.api.handlers import NODE
 from mirror.api.server import MirrorRunner
 from mirror.app import create_app
 from mirror.config import Settings, load_settings
 from mirror.node import Node
+from mirror.web.keys import NODE
 from tests.support.clock import WallClock
 from tests.support.registry import Registry, run_registry
 from tests.support.relay import Relay

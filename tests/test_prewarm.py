@@ -16,8 +16,8 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.api.debug import create_debug_app
-from mirror.ops.prewarm import parse_image
 from mirror.registry.digest import Digest
+from mirror.registry.reference import parse_image
 from tests.support import images
 from tests.support.images import DOCKER_SCHEMA2, MANIFEST_ACCEPT
 from tests.support.waits import wait_until

@@ -19,6 +19,7 @@ from mirror.storage.quota import RelayBuffer
 from mirror.storage.verify import store_bytes, verify_store
 from tests.conftest import mirror_config
 from tests.support import images
+from tests.support.waits import wait_until
 
 MiB = 1024 * 1024
 
@@ -80,6 +81,8 @@ async def test_concurrent_fetches_never_overshoot_the_quota(make_mirror, relay, 
     assert not overshoots, f"store above the high watermark plus reservations: {overshoots[:5]}"
     assert store_bytes(root) <= quota.high
     assert all(stored(node, d) for d, _ in blobs[4:])  # every fetch was admitted and cached
+    # Clients have every byte once a blob is published; its metadata and quota records follow.
+    await wait_until(lambda: not node.node.fetcher.inflight, what="the fetches' records")
     assert quota.used == sum(len(data) for d, data in blobs if stored(node, d))
     assert quota.reserved == 0
 

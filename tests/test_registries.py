@@ -261,7 +261,7 @@ def test_routing_rules_without_a_network(tmp_path: Path) -> None:
     assert registries.owner("ghcr.io/org/app")[0].client.base_url == "https://ghcr.io"
     assert registries.tag_policy("docker.io/library/alpine")[0] == 600.0
     assert registries.tag_policy("org/app")[0] == settings.mirror.tag_ttl
-    from mirror.ops.prewarm import parse_image
+    from mirror.registry.reference import parse_image
 
     namespaces = frozenset({"hub.yun.example.cn", "central.example"})
     assert parse_image("ghcr.io/org/app:v1", namespaces, registries).repo == "ghcr.io/org/app"

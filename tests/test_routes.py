@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror.api.routes import READ_METHODS, Route, match
 from mirror.errors import RegistryError
+from mirror.registry.routes import READ_METHODS, Route, match
 
 D = "sha256:" + "ab" * 32
 

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from mirror.auth.access import (
     Access,
-    Unauthorized,
     format_scope,
     grants,
+    grants_all,
     parse_access_claim,
     parse_scope,
     parse_scopes,
@@ -38,7 +38,8 @@ from mirror.auth.keys import (
     load_trusted_keys,
     public_jwk,
 )
-from mirror.auth.token import Authorizer, InvalidToken, TokenVerifier, bearer_token, challenge
+from mirror.auth.challenge import bearer_token, challenge
+from mirror.auth.token import InvalidToken, TokenVerifier
 from tests.support.token_issuer import (
     ISSUER,
     SERVICE,
@@ -277,11 +278,8 @@ def test_missing_or_empty_access_is_valid_but_grants_nothing(v, ids, access):
     claims = v.verify(token)
     assert claims.access == ()
     assert not claims.grants("repository", "team/app", "pull")
-    auth = Authorizer(v, "https://auth.example/token")
-    assert auth.check(token, []) == claims  # the /v2/ base endpoint requires nothing
-    with pytest.raises(Unauthorized) as info:
-        auth.check(token, [PULL])
-    assert info.value.error == "insufficient_scope"
+    assert grants_all(claims.access, [])  # the /v2/ base endpoint requires nothing
+    assert not grants_all(claims.access, [PULL])
 
 
 @pytest.mark.parametrize(
@@ -548,65 +546,49 @@ def test_grants(v, ids, granted, type_, name, action, ok):
 
 def test_grants_merges_entries_for_one_resource(v, ids):
     claims = v.verify(rsa_mint(ids, access=[PULL, PUSH]))
-    auth = Authorizer(v, "r")
-    assert auth.check(
-        rsa_mint(ids, access=[PULL, PUSH]), [Access.of("repository", "team/app", "pull", "push")]
-    )
+    assert grants_all(claims.access, [Access.of("repository", "team/app", "pull", "push")])
     assert claims.grants("repository", "team/app", "push")
 
 
 # ---------------------------------------------------------------------------
-# Authorizer and challenges
+# What the token access controller (mirror.auth.controller.TokenAccess) combines:
+# the bearer token of the header, verify, grants_all, and the challenge
 # ---------------------------------------------------------------------------
 
 REALM = "https://auth.example.com/token"
 
 
-@pytest.fixture
-def auth(v):
-    return Authorizer(v, REALM)
+def test_no_token_is_challenged_without_an_error():
+    for header in (None, "", "Basic abc"):
+        assert bearer_token(header) is None
+    assert challenge(REALM, SERVICE, [PULL]) == (
+        f'Bearer realm="{REALM}",service="{SERVICE}",scope="repository:team/app:pull"'
+    )
 
 
-def test_authorizer_without_token(auth):
-    for raw in (None, ""):
-        with pytest.raises(Unauthorized) as info:
-            auth.check(raw, [PULL])
-        assert info.value.error is None
-        assert info.value.challenge == (
-            f'Bearer realm="{REALM}",service="{SERVICE}",scope="repository:team/app:pull"'
-        )
+def test_expired_token_is_invalid(v, ids):
+    reject(v, rsa_mint(ids, exp_delta=-3600), "expired")
+    assert challenge(REALM, SERVICE, [PULL], "invalid_token").endswith(',error="invalid_token"')
 
 
-def test_authorizer_invalid_token(auth, ids):
-    with pytest.raises(Unauthorized) as info:
-        auth.check(rsa_mint(ids, exp_delta=-3600), [PULL])
-    assert info.value.error == "invalid_token"
-    assert info.value.challenge.endswith(',error="invalid_token"')
-    assert "expired" in info.value.reason
-
-
-def test_authorizer_insufficient_scope(auth, ids):
-    with pytest.raises(Unauthorized) as info:
-        auth.check(rsa_mint(ids, access=[PUSH]), [PULL])
-    assert info.value.error == "insufficient_scope"
-    assert info.value.challenge == (
+def test_token_without_the_access_is_insufficient_scope(v, ids):
+    assert not grants_all(v.verify(rsa_mint(ids, access=[PUSH])).access, [PULL])
+    assert challenge(REALM, SERVICE, [PULL], "insufficient_scope") == (
         f'Bearer realm="{REALM}",service="{SERVICE}",scope="repository:team/app:pull",'
         'error="insufficient_scope"'
     )
 
 
-def test_authorizer_success_and_base_endpoint(auth, ids):
-    assert auth.check(rsa_mint(ids, access=[PULL]), [PULL]).subject == "alice"
-    assert auth.check(rsa_mint(ids, access=[]), []).access == ()
+def test_token_granting_the_access_and_the_base_endpoint(v, ids):
+    claims = v.verify(rsa_mint(ids, access=[PULL]))
+    assert claims.subject == "alice" and grants_all(claims.access, [PULL])
+    assert grants_all(v.verify(rsa_mint(ids, access=[])).access, [])
 
 
-def test_authorizer_check_header(auth, ids):
+def test_bearer_header_is_case_insensitive(v, ids):
     token = rsa_mint(ids, access=[PULL])
-    assert auth.check_header(f"Bearer {token}", [PULL])
-    assert auth.check_header(f"bearer {token}", [PULL])
-    with pytest.raises(Unauthorized) as info:
-        auth.check_header(f"Basic {token}", [PULL])
-    assert info.value.error is None
+    for header in (f"Bearer {token}", f"bearer {token}"):
+        assert grants_all(v.verify(bearer_token(header)).access, [PULL])
 
 
 @pytest.mark.parametrize(

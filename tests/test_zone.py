@@ -27,7 +27,7 @@ from mirror.zone import signing
 from mirror.zone.membership import Membership
 from mirror.zone.peers import blob_path, credential_headers
 from mirror.zone.rendezvous import ranked
-from mirror.zone.settings import ZoneSettings
+from mirror.config.zone import ZoneSettings
 from mirror.upstream.credential import Credential
 from mirror.registry.digest import Digest
 from tests.support import images

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.handlers import NODE
+from mirror.web.keys import NODE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_PREFIX = "/admin/"

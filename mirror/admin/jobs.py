@@ -31,8 +31,8 @@ from typing import Any
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.handlers import NODE
-from mirror.ops.prewarm import parse_image
+from mirror.registry.reference import parse_image
+from mirror.web.keys import NODE
 
 MAX_IMAGES = 10_000
 MAX_TOP = 1000

@@ -14,9 +14,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.bodies import read_capped
-from mirror.api.handlers import NODE
 from mirror.ops.notify import HOPS_HEADER
+from mirror.web.bodies import read_capped
+from mirror.web.keys import NODE
 
 MAX_BODY = 16 * 1024 * 1024
 

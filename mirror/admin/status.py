@@ -32,10 +32,10 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from mirror.api.handlers import NODE
 from mirror.node import Node
 from mirror.observe.gauges import refresh_store_gauges  # the same refresh `/metrics` does
 from mirror.observe.metrics import sample_sum
+from mirror.web.keys import NODE
 
 SAMPLE_INTERVAL = 60.0  # seconds per history point
 PROBE_AFTER = 60.0  # seconds without upstream traffic before a scrape probes it

@@ -38,7 +38,6 @@ from typing import Any
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.handlers import NODE
 from mirror.config import ConfigError, parse_size
 from mirror.node import Node
 from mirror.observe.lifetime import LIFETIME
@@ -47,6 +46,7 @@ from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName, parse_reference
 from mirror.storage import quarantine
 from mirror.storage.verify import DEFAULT_WORKERS, verify_online
+from mirror.web.keys import NODE
 
 SERVED_LOCALLY = ("hit", "revalidated", "stale")  # cache outcomes answered from the store
 MAX_WORKERS = 64

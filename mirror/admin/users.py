@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.handlers import NODE
+from mirror.web.keys import NODE
 
 
 def _with_store(request: web.Request, work: Any, nothing: Any) -> Any:

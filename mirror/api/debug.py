@@ -12,11 +12,11 @@ import os
 from aiohttp import web
 
 from mirror.admin import add_admin_routes, admin_guard, status
-from mirror.api.handlers import NODE
 from mirror.api.middleware import error_middleware
 from mirror.node import Node
 from mirror.observe import lifetime
 from mirror.observe.gauges import refresh_store_gauges
+from mirror.web.keys import NODE
 from mirror.workers import current_role
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"

@@ -23,19 +23,9 @@ from mirror.registry.mediatypes import parse_accept
 from mirror.registry.reference import RepositoryName, Tag, parse_reference
 from mirror.storage.quota import RETRY_AFTER, is_disk_full
 from mirror.upstream.credential import Credential
+from mirror.web.keys import CACHE_OUTCOME, CLIENT_NAME, NODE, UPSTREAM_CREDENTIAL
 
 log = logging.getLogger(__name__)
-NODE: web.AppKey[Node] = web.AppKey("node", Node)
-#: How the request was answered: hit, miss, coalesced, revalidated, stale (access log, metrics).
-CACHE_OUTCOME: web.RequestKey[str] = web.RequestKey("cache", str)
-#: The matched route's name (set by dispatch; read by the access log and metrics).
-ROUTE_NAME: web.RequestKey[str] = web.RequestKey("route", str)
-#: Whose credentials this request's upstream calls carry; set by the auth layer, always.
-UPSTREAM_CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("upstream_credential", Credential)
-#: The repository name as the client wrote it, when routing keyed it otherwise (`?ns=`, a prefix).
-CLIENT_NAME: web.RequestKey[str] = web.RequestKey("client_name", str)
-#: The registry a repository request belongs to, as metrics label it (`upstream`).
-REGISTRY_LABEL: web.RequestKey[str] = web.RequestKey("registry_label", str)
 MAX_PAGE = 10_000
 BLOB_CACHE_CONTROL = "max-age=31536000"
 

@@ -12,12 +12,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
 
 from mirror import errors
-from mirror.api import handlers, routes, stalls, writes
+from mirror.api import handlers, stalls, writes
 from mirror.auth.controller import required_access
+from mirror.registry import routes
 from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName, parse_reference
 from mirror.upstream.credential import Credential
 from mirror.upstream.registries import Registry
+from mirror.web import keys
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,8 @@ async def add_api_version(request: web.Request, response: web.StreamResponse) ->
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Route a `/v2/...` request by parsing the path from the right."""
     route = routes.match(request.rel_url.raw_path)
-    request[handlers.ROUTE_NAME] = route.name
-    node = request.app[handlers.NODE]
+    request[keys.ROUTE_NAME] = route.name
+    node = request.app[keys.NODE]
     stalls.watch(request, node.settings.mirror.client_idle_timeout)  # a client that takes nothing is cut
     allowed = routes.READ_METHODS[route.name]
     if node.settings.mirror.passthrough_writes:
@@ -121,13 +123,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         RepositoryName.parse(request.query["from"])
     route, registry_of_name = _keyed(request, route)
     if registry_of_name is not None:
-        request[handlers.REGISTRY_LABEL] = registry_of_name.label
+        request[keys.REGISTRY_LABEL] = registry_of_name.label
     required = required_access(route, request.method, request.query.get("from"))
     client_header = await node.access.authorize(request, required)
     if (registry_of_name is not None and registry_of_name.prefix is not None
             and node.settings.mirror.auth.mode != "forward"):
         client_header = None  # a client's token for this node is never sent to another registry
-    request[handlers.UPSTREAM_CREDENTIAL] = upstream_credential(client_header)
+    request[keys.UPSTREAM_CREDENTIAL] = upstream_credential(client_header)
     if request.method not in routes.READ_METHODS[route.name]:
         if registry_of_name is not None and registry_of_name is not node.upstream.default:
             raise errors.Unsupported("pushes are relayed to the default upstream only")
@@ -147,13 +149,13 @@ def _keyed(request: web.Request, route: routes.Route) -> tuple[routes.Route, Reg
     """
     if "name" not in route.params:
         return route, None
-    registries = request.app[handlers.NODE].upstream
+    registries = request.app[keys.NODE].upstream
     ns = request.query.get("ns")
     key = registries.resolve(route.params["name"], ns)
     if key is None:
         return route, None
     RepositoryName.parse(key)  # the prefix may take a long name past the length limit
-    request[handlers.CLIENT_NAME] = route.params["name"]
+    request[keys.CLIENT_NAME] = route.params["name"]
     return routes.Route(route.name, {**route.params, "name": key}), registries.owner(key)[0]
 
 
@@ -176,5 +178,5 @@ def _check_namespace(request: web.Request) -> None:
             next host instead of getting another registry's image by name.
     """
     ns = request.query.get("ns")
-    if ns is not None and not request.app[handlers.NODE].serves_namespace(ns):
+    if ns is not None and not request.app[keys.NODE].serves_namespace(ns):
         raise errors.NameUnknown(f"this mirror does not serve registry {ns[:100]!r}")

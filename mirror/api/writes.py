@@ -24,14 +24,14 @@ import httpx
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.bodies import read_capped
-from mirror.api.external import external_base
-from mirror.api.handlers import NODE
-from mirror.api.routes import Route
 from mirror.node import Node
 from mirror.registry import manifest as manifests
 from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName, Tag, parse_reference
+from mirror.registry.routes import Route
+from mirror.web.bodies import read_capped
+from mirror.web.external import external_base
+from mirror.web.keys import NODE
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from aiohttp import web
 
 from mirror import errors
-from mirror.api.external import external_base
-from mirror.api.routes import Route
 from mirror.auth import access as auth_access
 from mirror.auth.access import Access
 from mirror.auth.challenge import bearer_token, challenge
 from mirror.config import Settings
+from mirror.registry.routes import Route
 from mirror.upstream.client import Upstream
+from mirror.web.external import external_base
 
 if TYPE_CHECKING:
     from mirror.auth.keys import TrustedKeys

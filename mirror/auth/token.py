@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,12 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from .access import (
     Access,
     MalformedAccess,
-    Unauthorized,
     grants,
-    grants_all,
     parse_access_claim,
 )
-from .challenge import bearer_token, challenge
 from .keys import (
     ChainError,
     PublicKey,
@@ -50,14 +47,10 @@ from .keys import (
 
 __all__ = [
     "SUPPORTED_ALGORITHMS",
-    "Authorizer",
     "Claims",
     "InvalidToken",
     "TokenVerifier",
-    "Unauthorized",
     "algorithms_for_key",
-    "bearer_token",
-    "challenge",
 ]
 
 #: Leeway applied to ``exp`` and ``nbf`` (distribution's ``token.Leeway``).
@@ -434,40 +427,3 @@ def named_signer(raw: str, max_size: int = 8192) -> bytes | None:
 
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-# -- bearer auth helpers -----------------------------------------------------------
-
-
-class Authorizer:
-    """distribution's token access controller, minus HTTP."""
-
-    def __init__(self, verifier: TokenVerifier, realm: str) -> None:
-        self.verifier = verifier
-        self.realm = realm
-
-    def challenge(self, required: Sequence[Access] = (), error: str | None = None) -> str:
-        return challenge(self.realm, self.verifier.service, required, error)
-
-    def check(self, raw_token: str | None, required: Sequence[Access] = ()) -> Claims:
-        """Claims of a token granting every required action, else ``Unauthorized``.
-
-        ``error`` is None without a token, ``invalid_token`` for a bad one and
-        ``insufficient_scope`` when access is missing; ``challenge`` is filled.
-        """
-        if not raw_token:
-            raise self._deny(None, required, "authorization token required")
-        try:
-            claims = self.verifier.verify(raw_token)
-        except InvalidToken as exc:
-            raise self._deny("invalid_token", required, exc.reason) from None
-        if not grants_all(claims.access, required):
-            raise self._deny("insufficient_scope", required, f"{claims.subject!r} lacks access")
-        return claims
-
-    def check_header(self, authorization: str | None, required: Sequence[Access] = ()) -> Claims:
-        """``check`` on an ``Authorization`` header value."""
-        return self.check(bearer_token(authorization), required)
-
-    def _deny(self, error: str | None, required: Sequence[Access], reason: str) -> Unauthorized:
-        return Unauthorized(error, reason, self.challenge(required, error))

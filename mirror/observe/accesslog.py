@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from mirror.api.external import client_address
-from mirror.api.handlers import CACHE_OUTCOME, NODE, REGISTRY_LABEL, ROUTE_NAME
 from mirror.observe.metrics import Metrics
+from mirror.web.external import client_address
+from mirror.web.keys import CACHE_OUTCOME, NODE, REGISTRY_LABEL, ROUTE_NAME
 
 log = logging.getLogger("mirror.access")
 REQUEST_ID = "X-Request-Id"

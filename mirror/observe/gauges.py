@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-from mirror.node import Node
+if TYPE_CHECKING:
+    from mirror.node import Node
 
 
 async def refresh_store_gauges(node: Node) -> None:

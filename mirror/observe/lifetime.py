@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from mirror.api.handlers import NODE
 from mirror.observe.metrics import Metrics, sample_sum
-from mirror.storage.metadata import Metadata
+from mirror.web.keys import NODE
+
+if TYPE_CHECKING:
+    from mirror.storage.metadata import Metadata
 
 log = logging.getLogger(__name__)
 

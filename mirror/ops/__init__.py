@@ -17,18 +17,26 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from mirror.api.external import client_address, external_base
 from mirror.ops.events import PullEvents, source
 from mirror.ops.notify import Notifications
 from mirror.ops.popularity import HAND_OFF_INTERVAL, KeepFresh, Popularity
 from mirror.ops.prewarm import Warmer
+from mirror.proxy.tagrefresh import TagRefresher
 from mirror.registry.digest import Digest
 from mirror.registry.reference import Tag
 from mirror.storage.pins import PinKey, Pins
+from mirror.web.external import client_address, external_base
 
 if TYPE_CHECKING:
-    from mirror.node import Node
-    from mirror.proxy.manifests import ManifestResult
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mirror.config import Settings
+    from mirror.observe.metrics import Metrics
+    from mirror.proxy.blobs import Blobs
+    from mirror.proxy.manifests import ManifestResult, Manifests
+    from mirror.storage.blobstore import BlobStore
+    from mirror.storage.metadata import Metadata
+    from mirror.upstream.registries import Registries
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +49,23 @@ EVENTS_FLUSH = 2.0
 class Operations:
     """The node's operator-facing background services."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        settings = node.settings
+    def __init__(self, settings: Settings, *, upstream: Registries, metadata: Metadata, store: BlobStore,
+                 executor: ThreadPoolExecutor, blobs: Blobs, manifests: Manifests, metrics: Metrics) -> None:
+        self.settings = settings
+        self.upstream = upstream
         self.instance_id = str(uuid.uuid4())
-        self.registry = urlsplit(node.upstream.base_url).netloc.lower()
-        self.pins = Pins(node.metadata)
-        self.warmer = Warmer(node, pin=self.pin)
+        self.registry = urlsplit(upstream.base_url).netloc.lower()
+        self.pins = Pins(metadata)
+        self.warmer = Warmer(settings, upstream, metadata, store, executor, blobs, manifests, pin=self.pin)
         self.jobs = self.warmer.jobs
-        self.notifications = Notifications(node, self.warmer)
+        self.refresher = TagRefresher(manifests, metadata, upstream, self.warmer.warm_digest)
+        self.notifications = Notifications(settings, metadata, manifests, self.warmer, self.refresher)
         self.events = PullEvents(settings.notifications, source(settings.http.bind, self.instance_id),
-                                 node.metrics.registry, settings.metadata_dir / "events")
+                                 metrics.registry, settings.metadata_dir / "events")
         self.popularity = Popularity(settings.metadata_dir / "popularity.json")
         prefetch = settings.mirror.prefetch
         self.keep_fresh = KeepFresh(self.popularity, prefetch.keep_fresh, prefetch.interval,
-                                    self.warmer.refresh_tag)
+                                    self.refresher.refresh)
         self._hand_off: asyncio.Task[None] | None = None  # a non-leader worker's pull counts to the leader
 
     def start(self, leader: bool = True, shared: bool = False) -> None:
@@ -68,7 +78,7 @@ class Operations:
             shared: worker processes serve this node (`mirror.workers`).
         """
         if shared:
-            self.popularity.share(self.node.settings.metadata_dir / "popularity-inbox", leader)
+            self.popularity.share(self.settings.metadata_dir / "popularity-inbox", leader)
         self.popularity.load()
         if not leader:
             self._hand_off = asyncio.create_task(self._hand_off_forever(), name="popularity-hand-off")
@@ -113,13 +123,13 @@ class Operations:
             log.exception("could not queue a pull event")
 
     def _url(self, request: web.Request, repo: str, result: ManifestResult) -> str:
-        mirror = self.node.settings.mirror
-        base = external_base(request, self.node.settings.http.host, mirror.trusted_proxies)
+        mirror = self.settings.mirror
+        base = external_base(request, self.settings.http.host, mirror.trusted_proxies)
         return f"{base}/v2/{repo}/manifests/{result.digest}"
 
     def _request(self, request: web.Request) -> dict[str, str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        addr = client_address(request, self.node.settings.mirror.trusted_proxies)
+        addr = client_address(request, self.settings.mirror.trusted_proxies)
         if peer and addr == str(peer[0]):
             addr = f"{peer[0]}:{peer[1]}"
         return {
@@ -134,7 +144,7 @@ class Operations:
 
     def pin_key(self, repo: str, reference: str) -> PinKey:
         """The pin of `repo:reference` (a node repository key) on the registry owning it."""
-        registry, name = self.node.upstream.display(repo)
+        registry, name = self.upstream.display(repo)
         return PinKey(registry, name, reference)
 
     async def pin(self, repo: str, reference: str, digest: Digest, objects: list[Digest]) -> None:

@@ -50,8 +50,11 @@ from mirror.storage.metadata import TagRecord
 from mirror.upstream.budget import background
 
 if TYPE_CHECKING:
-    from mirror.node import Node
+    from mirror.config import Settings
     from mirror.ops.prewarm import Warmer
+    from mirror.proxy.manifests import Manifests
+    from mirror.storage.metadata import Metadata
+    from mirror.proxy.tagrefresh import TagRefresher
     from mirror.upstream.registries import Registry
 
 log = logging.getLogger(__name__)
@@ -85,11 +88,15 @@ def parse_envelope(body: bytes) -> list[dict[str, Any]]:
 class Notifications:
     """Acts on received envelopes and forwards them to the edge zones."""
 
-    def __init__(self, node: Node, warmer: Warmer) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, metadata: Metadata, manifests: Manifests, warmer: Warmer,
+                 refresher: TagRefresher) -> None:
+        self.settings = settings
+        self.metadata = metadata
+        self.manifests = manifests
         self.warmer = warmer
-        self.rules = node.settings.mirror.prefetch.rules
-        self.forward_to = node.settings.mirror.notify.forward_to
+        self.refresher = refresher
+        self.rules = settings.mirror.prefetch.rules
+        self.forward_to = settings.mirror.notify.forward_to
         self.settle = SETTLE
         self.received = 0
         self._tags: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -201,22 +208,22 @@ class Notifications:
             self._tags.pop(key, None)
 
     async def _resolve(self, repo: str, tag: str, digest: Digest) -> None:
-        record = await self.node.metadata.get_tag(repo, tag)
+        record = await self.metadata.get_tag(repo, tag)
         if record is None and not self.matches_rules(repo):
             return  # never served here: nothing to keep current
         if record is not None:
             await self._invalidate(repo, tag)
-        outcome = await self.warmer.refresh_tag(repo, tag, expect=digest, settle=self.settle,
-                                                warm=self.matches_rules(repo))
+        outcome = await self.refresher.refresh(repo, tag, expect=digest, settle=self.settle,
+                                               warm=self.matches_rules(repo))
         log.info("push notification %s:%s -> %s", repo, tag, outcome)
 
     async def _invalidate(self, repo: str, tag: str) -> None:
         """Expire the cached tag now, keeping its stale window: clients revalidate meanwhile."""
-        record = await self.node.metadata.get_tag(repo, tag)
+        record = await self.metadata.get_tag(repo, tag)
         if record is None:
             return
-        expired = min(record.fetched_at, time.time() - self.node.manifests.tag_ttl)
-        await self.node.metadata.put_tag(repo, tag, TagRecord(record.digest, record.media_type, expired))
+        expired = min(record.fetched_at, time.time() - self.manifests.tag_ttl)
+        await self.metadata.put_tag(repo, tag, TagRecord(record.digest, record.media_type, expired))
 
     async def _prefetch(self, repo: str, digest: Digest) -> None:
         try:
@@ -230,7 +237,7 @@ class Notifications:
     # -- deletes ----------------------------------------------------------------
 
     async def _deleted(self, repo: str, tag: str | None, digest: Digest | None) -> None:
-        metadata = self.node.metadata
+        metadata = self.metadata
         if tag is not None:
             await metadata.delete_tag(repo, tag)
             log.info("delete notification: forgot tag %s:%s", repo, tag)
@@ -252,7 +259,7 @@ class Notifications:
                         self.forward_dropped)
 
     async def _forward_loop(self) -> None:
-        token = self.node.settings.mirror.notify.token  # never the admin token
+        token = self.settings.mirror.notify.token  # never the admin token
         headers = {"Content-Type": "application/vnd.docker.distribution.events.v1+json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"

@@ -17,9 +17,8 @@ and at most every :data:`SAVE_EVERY` seconds of progress). A job a restart or
 a crash interrupted is started again under its id when the node starts: what
 it had stored counts as already cached, so it goes on where it stopped.
 
-The same machinery refreshes a tag (:meth:`Warmer.refresh_tag`) for push
-notifications and keep-fresh: HEAD upstream, fetch what moved, then point
-the tag.
+The same machinery warms what a tag moved to when it is refreshed
+(:mod:`mirror.proxy.tagrefresh`: push notifications and keep-fresh).
 """
 
 from __future__ import annotations
@@ -38,16 +37,21 @@ from diskcache import Index
 
 from mirror import errors
 from mirror.proxy.fetcher import BlobFetch
-from mirror.proxy.negative import NOT_FOUND
 from mirror.registry import manifest as manifests
-from mirror.registry.digest import Digest, is_digest
-from mirror.registry.reference import RepositoryName, Tag
+from mirror.registry.digest import Digest
+from mirror.registry.reference import ImageRef, parse_image
 from mirror.upstream.budget import background
 from mirror.upstream.credential import Credential
+from mirror.upstream.registries import default_names
 
 if TYPE_CHECKING:
-    from mirror.node import Node
-    from mirror.proxy.manifests import ManifestResult
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mirror.config import Settings
+    from mirror.proxy.blobs import Blobs
+    from mirror.proxy.manifests import ManifestResult, Manifests
+    from mirror.storage.blobstore import BlobStore
+    from mirror.storage.metadata import Metadata
     from mirror.upstream.registries import Registries
 
 log = logging.getLogger(__name__)
@@ -61,66 +65,9 @@ BLOB_CONCURRENCY = 4
 KEEP_JOBS = 100
 SAVE_EVERY = 1.0  # seconds between progress saves of a running job
 DEFAULT_PLATFORM = "linux/amd64"
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
 #: pin(repo, reference, top digest, objects): keep one image's objects from eviction.
 Pin = Callable[[str, str, Digest, list[Digest]], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRef:
-    """A parsed image reference: repository plus tag or digest."""
-
-    text: str
-    repo: str
-    tag: str | None = None
-    digest: Digest | None = None
-
-    @property
-    def reference(self) -> str:
-        return str(self.digest) if self.digest is not None else str(self.tag)
-
-
-def parse_image(text: str, namespaces: frozenset[str] = frozenset(),
-                registries: Registries | None = None) -> ImageRef:
-    """`[host/]repo[:tag][@digest]` as docker writes it; the tag defaults to `latest`.
-
-    A leading registry host is accepted only when it names this node's
-    upstream (`namespaces`) or another of its `registries` (`ghcr.io/org/app`:
-    the repository is then keyed `<prefix>/org/app`, see
-    :mod:`mirror.upstream.registries`); a one-component name on Docker Hub
-    gets its `library/` prefix, as docker adds it.
-
-    Raises:
-        NameInvalid, TagInvalid, DigestInvalid: the reference is malformed.
-    """
-    rest = text.strip()
-    digest = None
-    if "@" in rest:
-        rest, _, raw_digest = rest.partition("@")
-        if not is_digest(raw_digest):
-            raise errors.DigestInvalid(f"invalid digest in {text!r}")
-        digest = Digest.parse(raw_digest)
-    tag = None
-    slash, colon = rest.rfind("/"), rest.rfind(":")
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1:]
-        Tag.parse(tag)
-    first, sep, remainder = rest.partition("/")
-    other = registries.named(first) if registries is not None and sep else None
-    if other is not None and other.prefix is not None and first.lower() not in namespaces:
-        RepositoryName.parse(remainder)
-        rest, namespaces = other.key(remainder), frozenset()
-    elif sep and ("." in first or ":" in first or first == "localhost"):
-        if first.lower() not in namespaces:
-            raise errors.NameInvalid(f"{text!r} names registry {first!r}, not this mirror's upstream")
-        rest = remainder
-    if "/" not in rest and namespaces & DOCKER_HUB_HOSTS:
-        rest = f"library/{rest}"
-    repo = RepositoryName.parse(rest).value
-    if digest is None and tag is None:
-        tag = "latest"
-    return ImageRef(text, repo, tag, digest)
 
 
 def parse_platforms(value: str | None) -> list[manifests.Platform] | None:
@@ -281,10 +228,19 @@ class Jobs:
 class Warmer:
     """Fetches manifests and blobs ahead of clients, through the node's services."""
 
-    def __init__(self, node: Node, pin: Pin | None = None) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, upstream: Registries, metadata: Metadata, store: BlobStore,
+                 executor: ThreadPoolExecutor, blobs: Blobs, manifests: Manifests,
+                 pin: Pin | None = None) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.metadata = metadata
+        self.store = store
+        self.executor = executor
+        self.blobs = blobs
+        self.manifests = manifests
         self.pin = pin
-        self.jobs = Jobs(directory=node.settings.metadata_dir / "jobs")
+        self.namespaces = default_names(upstream.base_url, settings.mirror.names)  # as Node.namespaces
+        self.jobs = Jobs(directory=settings.metadata_dir / "jobs")
         self._blob_slots = asyncio.Semaphore(BLOB_CONCURRENCY)
 
     # -- jobs -----------------------------------------------------------------
@@ -295,7 +251,7 @@ class Warmer:
         Raises:
             RegistryError: an image reference or the platform is malformed.
         """
-        refs = [parse_image(text, self.node.namespaces, self.node.upstream) for text in images]
+        refs = [parse_image(text, self.namespaces, self.upstream) for text in images]
         try:
             platforms = parse_platforms(platform)
         except ValueError as exc:
@@ -321,7 +277,7 @@ class Warmer:
             job.bytes_total = job.bytes_completed = 0
             job.errors, job.resolved = [], []
             try:
-                refs = [parse_image(text, self.node.namespaces, self.node.upstream) for text in job.images]
+                refs = [parse_image(text, self.namespaces, self.upstream) for text in job.images]
                 platforms = parse_platforms(job.platform)
             except (errors.RegistryError, ValueError) as exc:
                 job.error("*", f"cannot resume: {exc}")
@@ -415,15 +371,15 @@ class Warmer:
         text = f"{exc.code}: {exc.message}"
         if exc.code not in REFUSALS:
             return text
-        username = self.node.settings.proxy.username
+        username = self.settings.proxy.username
         whose = f"proxy.username {username}" if username else "anonymous: no proxy.username"
         return f"refused upstream ({text}) with the node's own account ({whose})"
 
     async def _manifest(self, repo: str, tag: str | None, digest: Digest | None) -> ManifestResult:
         if digest is not None:
-            return await self.node.manifests.by_digest(repo, digest, Credential.node())
+            return await self.manifests.by_digest(repo, digest, Credential.node())
         assert tag is not None
-        return await self.node.manifests.by_tag(repo, tag, Credential.node())
+        return await self.manifests.by_tag(repo, tag, Credential.node())
 
     async def expand(self, repo: str, top: ManifestResult, platforms: list[manifests.Platform] | None
                      ) -> tuple[list[Digest], list[manifests.Manifest]]:
@@ -440,7 +396,7 @@ class Warmer:
             if platforms is not None and not any(
                     child.platform is not None and p.matches(child.platform) for p in platforms):
                 continue
-            result = await self.node.manifests.by_digest(repo, child.digest, Credential.node())
+            result = await self.manifests.by_digest(repo, child.digest, Credential.node())
             listed.append(result.digest)
             child_manifest = manifests.parse(result.raw, result.media_type)
             if not child_manifest.is_index:
@@ -467,15 +423,14 @@ class Warmer:
         Raises:
             RegistryError: the fetch failed.
         """
-        node = self.node
-        record = await node.metadata.get_object(digest)
+        record = await self.metadata.get_object(digest)
         if record is not None:
-            size = await asyncio.get_running_loop().run_in_executor(node.executor, node.store.size, digest)
+            size = await asyncio.get_running_loop().run_in_executor(self.executor, self.store.size, digest)
             if size == record.size:
-                await node.blobs.ensure_linked(repo, digest, Credential.node())
+                await self.blobs.ensure_linked(repo, digest, Credential.node())
                 return True, 0
-        joined = node.fetcher.get(digest) is not None  # a client's (or another job's) download
-        fetch = node.fetcher.start(repo, digest, Credential.node())
+        joined = self.blobs.fetcher.get(digest) is not None  # a client's (or another job's) download
+        fetch = self.blobs.fetcher.start(repo, digest, Credential.node())
         if job is not None:
             job.active[digest] = fetch
         try:
@@ -488,10 +443,10 @@ class Warmer:
         if fetch.relay is not None:  # relayed to its readers uncached (quota, disk full)
             raise errors.Unavailable("the blob could not be cached (store quota or disk full)")
         if fetch.repo != repo:
-            await node.blobs.ensure_linked(repo, digest, Credential.node())
+            await self.blobs.ensure_linked(repo, digest, Credential.node())
         return False, 0 if joined else fetch.written
 
-    # -- refresh (notifications, keep-fresh) ----------------------------------------
+    # -- what a refreshed tag moved to (mirror.proxy.tagrefresh) ---------------------
 
     async def warm_digest(self, repo: str, digest: Digest,
                           platforms: list[manifests.Platform] | None = None, *,
@@ -502,78 +457,3 @@ class Warmer:
         ref = ImageRef(job.images[0], repo, None, digest)
         await self._run_job(job, [ref], platforms, blobs=blobs)
         return job
-
-    async def warmed_platforms(self, repo: str, digest: Digest | None) -> list[manifests.Platform] | None:
-        """The platforms of `digest` (an index) this node holds: what to warm of its successor.
-
-        None (warm every platform) when the old version is unknown or not an index.
-        """
-        if digest is None:
-            return None
-        record = await self.node.metadata.get_object(digest)
-        if record is None or record.media_type is None:
-            return None
-        try:
-            old = await self.node.manifests.by_digest(repo, digest, Credential.node())
-            parsed = manifests.parse(old.raw, old.media_type)
-        except (errors.RegistryError, ValueError):
-            return None
-        if not parsed.is_index:
-            return None
-        held = []
-        for child in parsed.children:
-            if child.platform is not None and await self.node.metadata.get_object(child.digest) is not None:
-                held.append(child.platform)
-        return held or None
-
-    async def refresh_tag(self, repo: str, tag: str, *, expect: Digest | None = None,
-                          settle: float = 0.0, warm: bool = True) -> dict[str, Any]:
-        """Re-resolve a tag upstream (HEAD); fetch what moved, then point the tag.
-
-        Args:
-            expect: a digest the tag is said to have moved to (a push
-                event). Upstream may not show it yet (distribution sends the
-                event before it moves the tag), so HEADs are retried for up to
-                `settle` seconds until upstream shows `expect` or anything
-                other than the digest cached before.
-            warm: fetch the new version's blobs too, not only its manifests
-                (an index's children: the platforms of the old version this
-                node held, all platforms if unknown).
-
-        Returns:
-            What happened: `{"digest", "previous", "changed"}`.
-        """
-        node = self.node
-        record = await node.metadata.get_tag(repo, tag)
-        previous = record.digest if record is not None else None
-        deadline = time.monotonic() + settle
-        delay = 0.1
-        while True:
-            try:
-                head = await node.upstream.head_manifest(repo, tag, Credential.node())
-            except NOT_FOUND:  # a new tag may not be there yet either
-                head = None
-            settled = head is not None and (expect is None or head.digest == expect
-                                            or (previous is not None and head.digest != previous))
-            if settled or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        if head is None:
-            if record is not None:
-                await node.metadata.delete_tag(repo, tag)
-            return {"digest": None, "previous": str(previous) if previous else None,
-                    "changed": record is not None}
-        digest = head.digest
-        if digest == previous:
-            assert record is not None
-            await node.manifests.set_tag(repo, tag, digest, record.media_type)
-            return {"digest": str(digest), "previous": str(previous), "changed": False}
-        platforms = await self.warmed_platforms(repo, previous)
-        result = await node.manifests.by_digest(repo, digest, Credential.node())
-        job = await self.warm_digest(repo, digest, platforms, blobs=warm)
-        if job.errors:
-            log.warning("prefetch of %s@%s: %s", repo, digest, job.errors)
-        await node.manifests.set_tag(repo, tag, digest, result.media_type)
-        log.info("tag %s:%s now %s (was %s)", repo, tag, digest, previous)
-        return {"digest": str(digest), "previous": str(previous) if previous else None, "changed": True}

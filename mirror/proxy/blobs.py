@@ -13,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from mirror.observe.metrics import Metrics
 from mirror.proxy.fetcher import BlobFetch, Fetcher
 from mirror.proxy.negative import NOT_FOUND, NegativeCache
 from mirror.proxy.waits import within
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore
 from mirror.storage.metadata import Metadata
+from mirror.storage.quota import Quota
 from mirror.upstream.client import Upstream
 from mirror.upstream.credential import Credential
 
@@ -47,15 +49,20 @@ class Blobs:
     """
 
     def __init__(self, store: BlobStore, metadata: Metadata, upstream: Upstream,
-                 executor: ThreadPoolExecutor, negative: NegativeCache) -> None:
+                 executor: ThreadPoolExecutor, negative: NegativeCache, *, quota: Quota,
+                 metrics: Metrics, shared: bool = False, source: Any = None, zone: Any = None) -> None:
+        """`shared`: worker processes share the store (mirror.workers); see :class:`Fetcher`.
+        `source`: where fills read blob bodies (default `upstream`; in a zone the owner, a peer
+        holding it, else the link); `zone`: a miss another node owns is streamed from it."""
         self.store = store
         self.metadata = metadata
-        self.fetcher = Fetcher(store, upstream, executor, self.on_commit)
-        self.fetcher.confirm = self.ensure_linked  # a fill through another repository (another worker's)
+        self.fetcher = Fetcher(store, upstream if source is None else source, executor, on_commit=self.on_commit,
+                               confirm=self.ensure_linked,  # a fill through another repository
+                               quota=quota, metrics=metrics, shared=shared)
         self.upstream = upstream
         self.executor = executor
         self.negative = negative
-        self.zone: Any = None  # mirror.zone.routing.Zone: a miss may be the owner's to fill
+        self.zone = zone  # mirror.zone.routing.Zone or None (alone)
 
     def _bound(self, repo: str) -> float:
         """How long a client waits on the registry owning `repo` (its read_timeout); work goes on."""
@@ -76,7 +83,7 @@ class Blobs:
             return local
         fetch = self.fetcher.get(digest)
         if fetch is None and self.zone is not None:
-            routed = await self.zone.open_blob(repo, digest, credential)  # another node owns it
+            routed = await self.zone.open_blob(repo, digest, credential, self.fetcher)  # another node owns it
             if routed is not None:
                 return routed
         if fetch is not None and fetch.repo != repo:

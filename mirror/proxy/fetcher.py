@@ -48,7 +48,7 @@ from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestMismatch
 from mirror.storage.fills import FillLock
-from mirror.storage.quota import Quota, RelayBuffer
+from mirror.storage.quota import Quota, RelayBuffer, is_disk_full
 from mirror.upstream import budget
 from mirror.upstream.client import MIN_BYTES_PER_WINDOW, Upstream, retry_delay
 from mirror.upstream.credential import Credential
@@ -181,26 +181,30 @@ class Fetcher:
         upstream: the registry they come from.
         executor: threads for file writes (never the event loop).
         on_commit: records metadata (size, link) once a blob is published.
+        confirm: checks upstream that a repository holds a digest, before
+            serving it from a fill made through another repository.
+        quota: admits each fill (or has it relayed uncached) and never
+            evicts a blob in flight.
+        shared: other worker processes share the store: a fill stopped by
+            shutdown keeps its bytes for them to resume (a lone node sweeps them).
 
     A broken stream is resumed up to the owning registry's `retries` times,
     and readers are cut after its `read_timeout` without progress.
     """
 
-    def __init__(self, store: BlobStore, upstream: Upstream, executor: ThreadPoolExecutor,
-                 on_commit: OnCommit) -> None:
+    def __init__(self, store: BlobStore, upstream: Upstream, executor: ThreadPoolExecutor, *,
+                 on_commit: OnCommit, confirm: Confirm, quota: Quota, metrics: Metrics,
+                 shared: bool = False) -> None:
         self.store = store
         self.upstream = upstream
         self.executor = executor
         self.on_commit = on_commit
+        self.confirm = confirm
+        self.quota = quota
+        self.metrics = metrics
+        self.shared = shared
         self.inflight: dict[Digest, BlobFetch] = {}
-        self.metrics: Metrics | None = None
-        self.quota: Quota | None = None  # admission, reservations, disk-full relay
-        #: Checks upstream that a repository holds a digest (before serving it
-        #: from a fill made through another repository); None: not checked.
-        self.confirm: Confirm | None = None
-        #: Other worker processes share the store: a fill stopped by shutdown
-        #: keeps its bytes for them to resume (a lone node sweeps them).
-        self.shared = False
+        self._evictable: dict[Digest, Callable[[], None]] = {}  # quota holds, one per in-flight digest
         self._tasks: set[asyncio.Task[None]] = set()
         use_large_reads()  # blob bodies in pieces of up to 1 MiB, not httpcore's 64 KiB
 
@@ -218,7 +222,7 @@ class Fetcher:
             fetch = BlobFetch(digest, repo)
             fetch.stall_timeout = self.upstream.read_timeout_of(repo)  # the owning registry's
             fetch.offer(credential)
-            self.inflight[digest] = fetch
+            self._enter(fetch)
             fetch.work, context = budget.context_for_task()
             task = asyncio.create_task(self._run(fetch, credential), context=context)
             fetch.task = task
@@ -228,6 +232,17 @@ class Fetcher:
             budget.promote(fetch.work)
             fetch.offer(credential)
         return fetch
+
+    def _enter(self, fetch: BlobFetch) -> None:
+        """Put `fetch` in flight: joined by new requests, its blob never evicted."""
+        self.inflight[fetch.digest] = fetch
+        self._evictable[fetch.digest] = self.quota.fetching(fetch.digest)
+
+    def _leave(self, fetch: BlobFetch) -> None:
+        """Take `fetch` out of flight (if still there): new requests start a fetch of their own."""
+        if self.inflight.get(fetch.digest) is fetch:
+            del self.inflight[fetch.digest]
+            self._evictable.pop(fetch.digest)()
 
     async def close(self, grace: float = 5.0) -> None:
         """Shutdown: cancel every fetch, but let published ones finish recording.
@@ -292,8 +307,7 @@ class Fetcher:
             fetch.fail(errors.Unavailable("upstream sent content that does not match the digest"))
         except OSError as exc:
             log.error("store write failed for %s: %s", fetch.digest, exc)
-            if self.quota is not None:
-                self.quota.store_error(exc)
+            self.quota.store_error(exc)
             fetch.fail(errors.Unavailable("the mirror could not store this blob", headers={"Retry-After": "10"}))
         except asyncio.CancelledError:
             fetch.fail(Shutdown("mirror shutting down"))
@@ -310,11 +324,9 @@ class Fetcher:
                         and not getattr(fetch.error, "followed", False):
                     await self._io(fill.mark_failed, fetch.error.code, fetch.error.message)
                 await self._io(fill.release)
-            if self.inflight.get(fetch.digest) is fetch:  # a relayed fetch left it early
-                del self.inflight[fetch.digest]
-            if self.quota is not None:
-                self.quota.finish(fetch)
-            if fetch.error is not None and self.metrics is not None:
+            self._leave(fetch)  # a relayed fetch left early
+            self.quota.finish(fetch)
+            if fetch.error is not None:
                 self.metrics.fill_failures.labels(fetch.error.code).inc()
             fetch.done.set()
             fetch._notify()
@@ -335,14 +347,14 @@ class Fetcher:
         while True:
             info = await self._io(fill.info)
             if not confirmed and info.get("repo"):
-                if info["repo"] != fetch.repo and self.confirm is not None:
+                if info["repo"] != fetch.repo:
                     await self.confirm(fetch.repo, fetch.digest, credential)  # another repository's fill
                 confirmed = True
             part, final = await self._io(_fill_state, fill.part_path, self.store.path(fetch.digest))
             if final is not None:
                 if inode is not None and final[1] != inode:
                     raise errors.Unavailable("the blob's fill started over; retry")
-                if not confirmed and self.confirm is not None:
+                if not confirmed:
                     await self.confirm(fetch.repo, fetch.digest, credential)  # filled through which repository?
                 fetch.size = fetch.written = final[0]
                 fetch.committed = True
@@ -389,8 +401,7 @@ class Fetcher:
         size = await self._io(self.store.size, fetch.digest)
         if size is None:
             return False
-        if self.confirm is not None:
-            await self.confirm(fetch.repo, fetch.digest, credential)
+        await self.confirm(fetch.repo, fetch.digest, credential)
         fetch.size = fetch.written = size
         fetch.committed = True
         fetch._started.set()
@@ -430,8 +441,8 @@ class Fetcher:
             if fetch.fill is not None and fetch.size is not None and known is None:
                 await self._io(functools.partial(fetch.fill.announce, size=fetch.size))  # followers send Content-Length
             if not fetch._started.is_set():  # before any response headers: reserve, or 503
-                if self.quota is not None:
-                    await self.quota.admit(fetch, writer)
+                if not await self.quota.admit(fetch):
+                    await self._relay(fetch, writer)
                 fetch.last_progress = time.monotonic()
                 fetch._started.set()
             await self._pump(fetch, writer, stream.chunks())
@@ -496,12 +507,33 @@ class Fetcher:
             try:
                 fetch.written = await self._io(writer.write, data)
             except OSError as exc:
-                if self.quota is None:
-                    raise
-                await self.quota.write_failed(fetch, writer, data, exc)  # relay when the disk is full
+                await self._write_failed(fetch, writer, data, exc)
         fetch._notify()
-        if self.metrics is not None:
-            self.metrics.upstream_bytes.inc(len(data))
+        self.metrics.upstream_bytes.inc(len(data))
+
+    async def _write_failed(self, fetch: BlobFetch, writer: BlobWriter, pending: bytes, exc: OSError) -> None:
+        """A temp-file write failed mid-fetch: relay the rest if the disk is full, else re-raise."""
+        if not is_disk_full(exc):
+            raise exc
+        log.error("disk full while fetching %s at %d bytes: serving it uncached (%s)",
+                  fetch.digest, fetch.written, exc)
+        await self._relay(fetch, writer, pending)
+        await self.quota.disk_full()
+
+    async def _relay(self, fetch: BlobFetch, writer: BlobWriter, pending: bytes = b"") -> None:
+        """Stop caching `fetch`: its readers get the rest from memory, nothing is published.
+
+        `pending` is the chunk whose write failed (relayed, not lost).
+        """
+        # The writer hashed exactly the `written` bytes it wrote; go on from that state.
+        fetch.relay = RelayBuffer(fetch.written, writer.running_hash(), fetch.size)
+        self._leave(fetch)
+        if fetch.fill is not None:
+            fetch.fill.release()  # ... in this worker or another, free to fill it
+        self.quota.release(fetch)
+        await self._io(writer.abort)
+        if pending:
+            fetch.written = fetch.relay.append(pending)
 
 
 class Shutdown(errors.Unavailable):  # type: ignore[misc,valid-type]

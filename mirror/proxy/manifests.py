@@ -50,6 +50,8 @@ STALE_WAIT = 3.0  # how long a request waits on a revalidation before taking the
 REVOKED = (errors.Unauthorized, errors.Denied, *NOT_FOUND)
 TRANSIENT = (errors.Unavailable, errors.TooManyRequests)
 DEFAULT_PLATFORM = manifests.Platform("linux", "amd64")
+#: A repository's (tag_ttl, tag_max_stale), from the registry owning it.
+TagPolicy = Callable[[str], tuple[float, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +67,19 @@ class ManifestResult:
 
 
 class Manifests:
-    """Manifest lookups for the read API."""
+    """Manifest lookups for the read API.
+
+    Args:
+        tag_policy: (tag_ttl, tag_max_stale) of the registry owning a
+            repository (mirror.upstreams overrides); None: the defaults given.
+        tag_locks: one revalidation per tag across worker processes sharing
+            the metadata (mirror.workers); None: a lone process.
+    """
 
     def __init__(self, store: BlobStore, metadata: Metadata, upstream: Upstream,
                  executor: ThreadPoolExecutor, negative: NegativeCache, *,
-                 tag_ttl: float, tag_max_stale: float, max_size: int) -> None:
+                 tag_ttl: float, tag_max_stale: float, max_size: int, metrics: Metrics,
+                 tag_policy: TagPolicy | None = None, tag_locks: TagLocks | None = None) -> None:
         self.store = store
         self.metadata = metadata
         self.upstream = upstream
@@ -80,12 +90,10 @@ class Manifests:
         self.max_size = max_size
         self._flight: SingleFlight[Any] = SingleFlight()
         self._refreshes: Refreshes[TagRecord] = Refreshes()  # tag revalidations
-        self.metrics: Metrics | None = None
+        self.metrics = metrics
         self.hot = HotManifests(recheck=tag_ttl)  # verified bytes: a warm hit needs no thread hop
-        self.tag_locks: TagLocks | None = None  # set when worker processes share the metadata
-        #: (tag_ttl, tag_max_stale) of the registry owning a repository (mirror.upstreams overrides)
-        self.tag_policy: Callable[[str], tuple[float, float]] = lambda _repo: (self.tag_ttl,
-                                                                                 self.tag_max_stale)
+        self.tag_locks = tag_locks
+        self.tag_policy: TagPolicy = tag_policy or (lambda _repo: (tag_ttl, tag_max_stale))
 
     def _bound(self, repo: str) -> float:
         """How long a client waits on the registry owning `repo` (its read_timeout); work goes on."""
@@ -256,8 +264,7 @@ class Manifests:
             if not stale_ok:
                 raise
             log.warning("serving stale tag %s:%s (%s)", repo, tag, getattr(exc, "code", "slow upstream"))
-            if self.metrics is not None:
-                self.metrics.stale_tags.inc()
+            self.metrics.stale_tags.inc()
             return record, "stale"
 
     async def _revalidate(self, repo: str, tag: str, record: TagRecord,

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mirror.registry.digest import Digest
 from mirror.storage.fills import FILL_PREFIX, fill_paths, sweep_fill
@@ -96,6 +97,11 @@ class BlobWriter:
             while chunk := existing.read(1 << 20):
                 self._hasher.update(chunk)
                 self.written += len(chunk)
+
+    def running_hash(self) -> Any:
+        """A copy of the hash of the bytes written so far, for whoever goes on without the file
+        (a fetch relayed uncached keeps verifying the rest)."""
+        return self._hasher.copy()
 
     @property
     def inode(self) -> int:

@@ -23,12 +23,12 @@ high watermark, in-flight temp files included.
 Eviction never removes a pinned object (`objects.pinned`, the count of pins
 holding it, kept by :mod:`mirror.storage.pins`), an object an open response is still reading
 (counted per digest by :meth:`Quota.hold`; on NFS an unlinked open file
-gives ESTALE), nor a blob in flight. Access times are batched in memory
+gives ESTALE), nor a blob in flight (counted by :meth:`Quota.fetching`). Access times are batched in memory
 (`Metadata.touch`), flushed every ACCESS_FLUSH_INTERVAL seconds and before
 every eviction pass.
 
 Out of disk mid-fetch (ENOSPC/EDQUOT on a temp-file write, say another
-process filled the disk): the fetch switches to *relay mode* (:meth:`to_relay`).
+process filled the disk): the fetch switches to *relay mode* (`Fetcher` `_relay`).
 The temp file is removed and nothing will be published; the rest of the blob
 is kept in a bounded in-memory ring (:class:`RelayBuffer`) for the readers
 the fetch already has, who read what was written before the switch through
@@ -55,7 +55,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mirror import errors
 from mirror.registry.digest import Digest
@@ -64,8 +64,7 @@ from mirror.storage.blobstore import DigestMismatch
 if TYPE_CHECKING:
     from mirror.config import Settings
     from mirror.observe.metrics import Metrics
-    from mirror.proxy.fetcher import BlobFetch, Fetcher
-    from mirror.storage.blobstore import BlobStore, BlobWriter
+    from mirror.storage.blobstore import BlobStore
     from mirror.storage.metadata import Metadata
 
 log = logging.getLogger(__name__)
@@ -161,31 +160,43 @@ class RelayBuffer:
             raise DigestMismatch(f"{digest}: content has another digest")
 
 
+class Fill(Protocol):
+    """What the quota reads of a blob being fetched (:class:`mirror.proxy.fetcher.BlobFetch`)."""
+
+    digest: Digest
+    size: int | None  # announced by upstream; None until then
+    written: int
+    committed: bool  # published (or, relayed, verified)
+    relay: RelayBuffer | None  # served uncached: nothing is published
+
+
 class Quota:
     """The store's space: quota, reservations, eviction, readers, disk-full recovery.
 
+    Objects being read (:meth:`hold`) or fetched (:meth:`fetching`) in this
+    process are never evicted.
+
     Args:
         settings: the node's settings (`mirror.cache`, `metadata_dir`).
-        fetcher: whose in-flight blobs are never evicted.
     """
 
     def __init__(self, settings: Settings, store: BlobStore, metadata: Metadata, executor: ThreadPoolExecutor,
-                 metrics: Metrics, fetcher: Fetcher) -> None:
+                 metrics: Metrics) -> None:
         self.cache = settings.mirror.cache
         self.store = store
         self.metadata = metadata
         self.executor = executor
         self.metrics = metrics
-        self.fetcher = fetcher
         self.limit: int | None = self.cache.max_size  # a percentage is resolved in start()
         self.used = 0
         self.readers: Counter[str] = Counter()
+        self.fetches: Counter[str] = Counter()  # digests this process is fetching
         self.interval = ACCESS_FLUSH_INTERVAL
         self.reserve_path: Path = settings.metadata_dir / RESERVE_FILE
         self.reserve_size = 0
         self.repaired = asyncio.Event()
         self.verifying = asyncio.Lock()  # one `verify` at a time
-        self._reserved: dict[BlobFetch, int] = {}
+        self._reserved: dict[Fill, int] = {}
         self._version = 0  # bumped by every in-memory change of `used`
         self._admit_lock = asyncio.Lock()
         self._evict_lock = asyncio.Lock()
@@ -354,28 +365,21 @@ class Quota:
 
     def hold(self, digest: Digest) -> Callable[[], None]:
         """Count an open reader of `digest` (never evicted meanwhile); returns its release."""
-        key = str(digest)
-        self.readers[key] += 1
-        released = False
+        return _count(self.readers, str(digest))
 
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.readers[key] -= 1
-            if self.readers[key] <= 0:
-                del self.readers[key]
-
-        return release
+    def fetching(self, digest: Digest) -> Callable[[], None]:
+        """Count a fetch of `digest` in flight (never evicted meanwhile); returns its release."""
+        return _count(self.fetches, str(digest))
 
     # -- fetches -----------------------------------------------------------------
 
-    async def admit(self, fetch: BlobFetch, writer: BlobWriter) -> None:
-        """Decide, before response headers are sent, how a starting fetch is stored.
+    async def admit(self, fetch: Fill) -> bool:
+        """Decide, before response headers are sent, whether a starting fetch is stored.
 
-        Reserves its size, evicting first when needed; over the quota it is
-        relayed uncached instead.
+        Reserves its size, evicting first when needed.
+
+        Returns:
+            False when it does not fit the quota: the caller relays it uncached.
 
         Raises:
             NoSpace: the disk has no room for it even after eviction.
@@ -385,10 +389,10 @@ class Quota:
             if self.limit is not None and not await self._fits_quota(size):
                 log.warning("blob %s (%d bytes) does not fit the quota now: relayed uncached",
                             fetch.digest, size)
-                await self.to_relay(fetch, writer)
-                return
+                return False
             await self._ensure_disk(size)
             self._reserved[fetch] = size
+            return True
 
     async def _fits_quota(self, size: int) -> bool:
         assert self.high is not None and self.low is not None
@@ -414,7 +418,11 @@ class Quota:
         return int(await self.metadata.transact(lambda db: db.execute(
             "SELECT COALESCE(SUM(size), 0) FROM objects WHERE pinned = 0").fetchone()[0]))
 
-    def finish(self, fetch: BlobFetch) -> None:
+    def release(self, fetch: Fill) -> None:
+        """A fetch goes on uncached: its reservation is released now, not at its end."""
+        self._reserved.pop(fetch, None)
+
+    def finish(self, fetch: Fill) -> None:
         """A fetch ended: its reservation becomes used bytes (published) or is released."""
         if self._reserved.pop(fetch, None) is None:
             return
@@ -422,31 +430,6 @@ class Quota:
             self._adjust(fetch.written)
             if self.high is not None and self.used + self.reserved > self.high:
                 self.evict_soon()
-
-    async def to_relay(self, fetch: BlobFetch, writer: BlobWriter, pending: bytes = b"") -> None:
-        """Stop caching `fetch`: its readers get the rest from memory, nothing is published.
-
-        `pending` is the chunk whose write failed (relayed, not lost).
-        """
-        # The writer hashed exactly the `written` bytes it wrote; go on from that state.
-        fetch.relay = RelayBuffer(fetch.written, writer._hasher, fetch.size)
-        if self.fetcher.inflight.get(fetch.digest) is fetch:
-            del self.fetcher.inflight[fetch.digest]  # new requests start a fetch of their own
-        if fetch.fill is not None:
-            fetch.fill.release()  # ... in this worker or another, free to fill it
-        self._reserved.pop(fetch, None)
-        await self._io(writer.abort)
-        if pending:
-            fetch.written = fetch.relay.append(pending)
-
-    async def write_failed(self, fetch: BlobFetch, writer: BlobWriter, pending: bytes, exc: OSError) -> None:
-        """A temp-file write failed mid-fetch: relay the rest if the disk is full, else re-raise."""
-        if not is_disk_full(exc):
-            raise exc
-        log.error("disk full while fetching %s at %d bytes: serving it uncached (%s)",
-                  fetch.digest, fetch.written, exc)
-        await self.to_relay(fetch, writer, pending)
-        await self.disk_full()
 
     def store_error(self, exc: BaseException) -> None:
         """Any other store write failed (fetcher, manifests): recover if the disk is full."""
@@ -492,7 +475,7 @@ class Quota:
                     if self.used <= target:
                         break
                     digest = Digest.parse(key)
-                    if self.readers.get(key) or digest in self.fetcher.inflight:
+                    if self.readers.get(key) or self.fetches.get(key):
                         skipped += 1
                         continue
                     removed = await self._io(self.store.delete, digest)
@@ -515,6 +498,24 @@ class Quota:
         await self.resync()
         count, freed = await self.evict_to(target)
         return {"evicted": count, "bytes": freed, "used": self.used}
+
+
+def _count(counter: Counter[str], key: str) -> Callable[[], None]:
+    """Count one user of `key`; returns the release, which counts down once however often called."""
+    counter[key] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
+
+    return release
+
 
 def _candidates(offset: int) -> Callable[[sqlite3.Connection], list[Any]]:
     """The next eviction candidates, least recently used first, after `offset` skipped ones."""

@@ -118,13 +118,16 @@ class Upstream:
         username, password: `proxy.username` / `proxy.password`.
         settings: `mirror.upstream` (timeouts, pool limits, retries).
         transport: an httpx transport override (tests).
+        metrics: where every upstream request is counted and timed; None: nowhere.
+        label: the metrics' `upstream` label (a `mirror.upstreams` prefix); default the host.
     """
 
     def __init__(self, remote_url: str, username: str | None, password: str | None,
-                 settings: object, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 settings: object, transport: httpx.AsyncBaseTransport | None = None, *,
+                 metrics: Metrics | None = None, label: str | None = None) -> None:
         self.base_url = remote_url.rstrip("/")
         self.host = urlsplit(self.base_url).netloc
-        self.label = self.host.lower()  # the metrics' `upstream` label (a mirror.upstreams prefix)
+        self.label = label or self.host.lower()
         self.retries = int(getattr(settings, "retries", 3))
         self.read_timeout = float(getattr(settings, "read_timeout", 60.0))  # bounds a client's wait
         timeout = httpx.Timeout(
@@ -142,7 +145,6 @@ class Upstream:
         self.anonymous_auth = RegistryAuth(None, None, self.host)  # Credential.anonymous(): its own token cache
         self._challenge: Challenge | None = None
         self._challenge_known = False
-        self.metrics: Metrics | None = None
         self.budget = Budget.from_settings(settings)  # max_concurrency / max_bandwidth, on-demand first
         verify = verify_setting()
         self.health = LinkHealth(self._probe_link)  # readiness reads it, never waits on the link
@@ -154,8 +156,10 @@ class Upstream:
             timeout=timeout, limits=limits, auth=self.auth, follow_redirects=True, verify=verify,
             transport=transport, headers={"User-Agent": "mirror/0.1"}, trust_env=False,
         )
+        if metrics is not None:
+            self._observe(metrics)
 
-    def observe(self, metrics: Metrics) -> None:
+    def _observe(self, metrics: Metrics) -> None:
         """Count every upstream request and time it to its response headers."""
         async def on_request(request: httpx.Request) -> None:
             request.extensions["mirror_started"] = time.perf_counter()
@@ -171,7 +175,6 @@ class Upstream:
                 metrics.upstream_errors.labels(str(response.status_code)).inc()
 
         self._client.event_hooks = {"request": [on_request], "response": [on_response]}
-        self.metrics = metrics
 
     def read_timeout_of(self, repo: str) -> float:
         """How long a client waits on this upstream for `repo` (one upstream: the same for all)."""

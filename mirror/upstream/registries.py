@@ -41,13 +41,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from mirror.observe.metrics import Metrics
 from mirror.registry.digest import Digest
+from mirror.registry.reference import DOCKER_HUB_HOSTS
 from mirror.upstream.auth import Challenge
 from mirror.upstream.client import BlobStream, ManifestHead, Upstream, UpstreamManifest
 from mirror.upstream.credential import Credential
-
-DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,11 +201,6 @@ class Registries:
                 content: bytes | AsyncIterator[bytes] | None) -> AbstractAsyncContextManager[httpx.Response]:
         """Pushes (`passthrough_writes`) go to the default upstream only."""
         return self.default.client.forward(method, path_qs, headers, content)
-
-    def observe(self, metrics: Metrics) -> None:
-        for registry in self.all:
-            registry.client.label = registry.label
-            registry.client.observe(metrics)
 
     async def aclose(self) -> None:
         for registry in self.all:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from mirror.zone.rendezvous import ranked
-from mirror.zone.settings import ZoneSettings, normalized
+from mirror.config.zone import ZoneSettings, normalized
 
 log = logging.getLogger(__name__)
 

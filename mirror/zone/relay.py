@@ -30,7 +30,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.api.responses import READ_CHUNK, _abort, _unless_cut
-from mirror.proxy.fetcher import BlobFetch, open_for_read
+from mirror.proxy.fetcher import BlobFetch, Fetcher, open_for_read
 from mirror.registry.digest import Digest
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import BlobStream
@@ -50,8 +50,10 @@ MAX_RESUMES = 3
 class PeerRelay:
     """One client's stream of a blob from its owner (and its successors)."""
 
-    def __init__(self, zone: Zone, repo: str, digest: Digest, credential: Credential) -> None:
+    def __init__(self, zone: Zone, repo: str, digest: Digest, credential: Credential,
+                 fill: Fetcher) -> None:
         self.zone = zone
+        self.fill = fill  # this node's fetcher: the next owner may be this node
         self.repo = repo
         self.digest = digest
         self.credential = credential
@@ -60,13 +62,14 @@ class PeerRelay:
         self.stream: BlobStream | _LocalStream | None = None
 
     @classmethod
-    async def open(cls, zone: Zone, repo: str, digest: Digest, credential: Credential) -> PeerRelay | None:
+    async def open(cls, zone: Zone, repo: str, digest: Digest, credential: Credential,
+                   fill: Fetcher) -> PeerRelay | None:
         """Open the first live owner's stream (its errors, 404/401..., are the client's answer).
 
         Returns:
             None when no owner before this node answers: the caller fills locally.
         """
-        relay = cls(zone, repo, digest, credential)
+        relay = cls(zone, repo, digest, credential, fill)
         if not await relay._reopen(0):
             return None
         return relay
@@ -145,9 +148,7 @@ class PeerRelay:
     async def _fill_here(self, offset: int) -> bool:
         """This node is the next owner: fill here (peers holding it, else the link) and go on
         reading that fill from `offset`. False when the zone has no local fill to offer."""
-        fetcher = self.zone.fetcher
-        if fetcher is None:
-            return False
+        fetcher = self.fill
         await self.stack.aclose()
         self.stack = AsyncExitStack()
         fetch = fetcher.start(self.repo, self.digest, self.credential)

@@ -33,10 +33,11 @@ from mirror.upstream.credential import Credential
 from mirror.zone.membership import Membership, Resolver, resolve_dns
 from mirror.zone.metrics import ZoneMetrics
 from mirror.zone.peers import Peers, PeerUnavailable, blob_path, held_path
-from mirror.zone.settings import ZoneSettings
+from mirror.config.zone import ZoneSettings
 
 if TYPE_CHECKING:
     from mirror.proxy.blobs import BlobSource
+    from mirror.proxy.fetcher import Fetcher
     from mirror.upstream.registries import Registries
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,19 @@ class Zone:
     """This process's view of the zone and the routing decisions made from it."""
 
     def __init__(self, settings: ZoneSettings, upstream: Registries, metrics_registry: Any = None,
-                 resolver: Resolver = resolve_dns, transport: Any = None) -> None:
+                 resolver: Resolver = resolve_dns, transport: Any = None, *, source: Any = None,
+                 store: Any = None, executor: Any = None) -> None:
+        """`source`: the config file SIGHUP re-reads (`Settings.source`); `store` and `executor`
+        read this node's own fill when a relay's owners before this node all died."""
         self.settings = settings
         self.upstream = upstream
         self.metrics = ZoneMetrics(metrics_registry)
         self.membership = Membership(settings, resolver)
         self.membership.on_change = self._count_members
         self.peers = Peers(self.membership, self.metrics, transport)
-        self.source: Any = None  # the config file SIGHUP re-reads (Settings.source)
-        # This node's fill, for a relay whose owners before this node all died (open_zone sets them).
-        self.fetcher: Any = None
-        self.store: Any = None
-        self.executor: Any = None
+        self.source = source
+        self.store = store
+        self.executor = executor
         self._reloads: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -109,15 +111,17 @@ class Zone:
         order = self.membership.owners(str(digest))
         return order[: order.index(self.self_url)] if self.self_url in order else order
 
-    async def open_blob(self, repo: str, digest: Digest, credential: Credential) -> BlobSource | None:
+    async def open_blob(self, repo: str, digest: Digest, credential: Credential,
+                        fill: Fetcher) -> BlobSource | None:
         """A local miss: the owner's stream for the client (non-owner, no keep_copy), else None
-        (this node fills, through the fetcher, from peers or the link)."""
+        (this node fills, through the fetcher, from peers or the link). `fill` is this node's
+        fetcher, which the relay reads on from should every owner before this node die."""
         if self.settings.keep_copy or not self.remote_owners(digest):
             return None
         from mirror.proxy.blobs import BlobSource
         from mirror.zone.relay import PeerRelay
 
-        relay = await PeerRelay.open(self, repo, digest, credential)
+        relay = await PeerRelay.open(self, repo, digest, credential, fill)
         if relay is None:  # every owner before this node is down: fill here
             return None
         self.metrics.relayed.inc()
@@ -214,16 +218,10 @@ class ZoneSource:
         return await stack.enter_async_context(self.upstream.stream_blob(repo, digest, offset, credential))
 
 
-async def open_zone(settings: Any, node: Any, transport: Any = None) -> Zone:
-    """Join the zone: resolve the peers, route the blob service's misses, fill through peers.
-
-    `transport` is for tests' upstream; peers are always real HTTP.
-    """
-    zone = Zone(settings.mirror.zone, node.upstream, node.metrics.registry)
-    zone.source = settings.source
+async def open_zone(settings: Any, upstream: Registries, metrics_registry: Any, store: Any,
+                    executor: Any) -> Zone:
+    """Join the zone (`mirror.zone`): resolve the peers and start re-resolving them."""
+    zone = Zone(settings.mirror.zone, upstream, metrics_registry, source=settings.source,
+                store=store, executor=executor)
     await zone.start()
-    node.blobs.zone = zone
-    zone.fetcher, zone.store, zone.executor = node.fetcher, node.store, node.executor
-    node.fetcher.upstream = ZoneSource(node.upstream, zone)
-    node.manifests.upstream = ZoneSource(node.upstream, zone)  # by digest: from the owner
     return zone

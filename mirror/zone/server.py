@@ -28,6 +28,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.api import handlers, stalls
+from mirror.web import keys
 from mirror.proxy.blobs import BlobSource
 from mirror.registry.digest import Digest
 from mirror.registry.reference import RepositoryName
@@ -51,7 +52,7 @@ def _authenticated(request: web.Request) -> tuple[str, Digest, Credential]:
         Unauthorized: the zone is off, or the signature is missing, wrong or stale.
         NameInvalid, DigestInvalid: a malformed repository or digest.
     """
-    node = request.app[handlers.NODE]
+    node = request.app[keys.NODE]
     zone = getattr(node, "zone", None)
     refusal = "this node is in no zone" if zone is None else signing.verify(
         zone.settings.secret, request.method, request.rel_url.raw_path_qs, request.headers,
@@ -81,10 +82,10 @@ def _credential(request: web.Request) -> Credential:
 async def blob(request: web.Request) -> web.StreamResponse:
     """A peer asks the owner: served exactly as to a client of R, never routed further."""
     repo, digest, credential = _authenticated(request)
-    node = request.app[handlers.NODE]
+    node = request.app[keys.NODE]
     node.zone.metrics.served.labels("blobs").inc()
-    request[handlers.ROUTE_NAME] = "zone_blob"
-    request[handlers.UPSTREAM_CREDENTIAL] = credential
+    request[keys.ROUTE_NAME] = "zone_blob"
+    request[keys.UPSTREAM_CREDENTIAL] = credential
     stalls.watch(request, node.settings.mirror.client_idle_timeout)
     # Not routed again: its fill goes to a peer holding it, or the link. Reset after, since
     # aiohttp runs a keep-alive connection's requests in one task (one context).
@@ -98,15 +99,15 @@ async def blob(request: web.Request) -> web.StreamResponse:
 async def manifest(request: web.Request) -> web.StreamResponse:
     """A manifest by digest, as to a client of R (stored and linked, or fetched now), never routed."""
     repo, digest, credential = _authenticated(request)
-    node = request.app[handlers.NODE]
+    node = request.app[keys.NODE]
     node.zone.metrics.served.labels("manifests").inc()
-    request[handlers.ROUTE_NAME] = "zone_manifest"
+    request[keys.ROUTE_NAME] = "zone_manifest"
     token = ROUTING.set(False)
     try:
         result = await node.manifests.by_digest(repo, digest, credential)
     finally:
         ROUTING.reset(token)
-    request[handlers.CACHE_OUTCOME] = result.cache
+    request[keys.CACHE_OUTCOME] = result.cache
     return web.Response(body=result.raw, headers={"Content-Type": result.media_type, CACHE: result.cache,
                                                   "Docker-Content-Digest": str(result.digest)})
 
@@ -114,9 +115,9 @@ async def manifest(request: web.Request) -> web.StreamResponse:
 async def held(request: web.Request) -> web.StreamResponse:
     """Only what this node stores: HEAD says so (and whether linked to R), GET sends it."""
     repo, digest, _credential = _authenticated(request)
-    node = request.app[handlers.NODE]
+    node = request.app[keys.NODE]
     node.zone.metrics.served.labels("held").inc()
-    request[handlers.ROUTE_NAME] = "zone_held"
+    request[keys.ROUTE_NAME] = "zone_held"
     stalls.watch(request, node.settings.mirror.client_idle_timeout)
     opened = await _stored(node, digest)
     if opened is None:
@@ -149,7 +150,7 @@ async def unknown(request: web.Request) -> web.StreamResponse:
 
 
 def _authenticated_or_refused(request: web.Request) -> None:
-    node = request.app[handlers.NODE]
+    node = request.app[keys.NODE]
     zone = getattr(node, "zone", None)
     if zone is None or signing.verify(zone.settings.secret, request.method, request.rel_url.raw_path_qs,
                                       request.headers, zone.settings.max_skew) is not None:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror.config.errors import ConfigError
+from mirror.config.parsers import _boolean, _http_url, _http_urls, _positive_duration, _string
+
 #: Keys of `mirror.zone` (the config schema reads them from here: one list).
 ZONE_KEYS = ("self", "peers", "secret", "connect_timeout", "read_timeout", "down_for",
              "resolve_interval", "keep_copy", "max_skew")
@@ -40,38 +43,36 @@ class ZoneSettings:
 
 
 def zone_settings(section: Any) -> ZoneSettings | None:
-    """`mirror.zone` from its config section (a `mirror.config._Section`); None when absent.
+    """`mirror.zone` from its config section (a `_Section`); None when absent.
 
     Raises:
         ConfigError: a bad value, or peers without a secret or without `self`.
     """
-    from mirror import config as c  # the parsers live there; imported late (config imports us)
-
-    peers = section.get("peers", c._http_urls, ())
-    self_url = section.get("self", c._http_url)
-    secret = section.get("secret", c._string)
+    peers = section.get("peers", _http_urls, ())
+    self_url = section.get("self", _http_url)
+    secret = section.get("secret", _string)
     if not peers and self_url is None and secret is None and not section.data:
         return None
     if not peers:
-        raise c.ConfigError(section.key("peers"), "required: the whole zone, this node included")
+        raise ConfigError(section.key("peers"), "required: the whole zone, this node included")
     if self_url is None:
-        raise c.ConfigError(section.key("self"), "required: this node's URL as its peers reach it "
+        raise ConfigError(section.key("self"), "required: this node's URL as its peers reach it "
                             "(or REGISTRY_MIRROR_ZONE_SELF)")
     if secret is None:
-        raise c.ConfigError(section.key("secret"), "required with peers: it authenticates "
+        raise ConfigError(section.key("secret"), "required with peers: it authenticates "
                             "node-to-node requests (or REGISTRY_MIRROR_ZONE_SECRET)")
     if len(secret.strip()) < MIN_SECRET:
-        raise c.ConfigError(section.key("secret"), f"too short: at least {MIN_SECRET} characters")
+        raise ConfigError(section.key("secret"), f"too short: at least {MIN_SECRET} characters")
     for i, url in enumerate(peers):
         if urlsplit(url).path.strip("/"):
-            raise c.ConfigError(section.key(f"peers[{i}]"), f"expected a base URL without a path, got {url!r}")
+            raise ConfigError(section.key(f"peers[{i}]"), f"expected a base URL without a path, got {url!r}")
     values = {
-        "connect_timeout": section.get("connect_timeout", c._positive_duration),
-        "read_timeout": section.get("read_timeout", c._positive_duration),
-        "down_for": section.get("down_for", c._positive_duration),
-        "resolve_interval": section.get("resolve_interval", c._positive_duration),
-        "keep_copy": section.get("keep_copy", c._boolean),
-        "max_skew": section.get("max_skew", c._positive_duration),
+        "connect_timeout": section.get("connect_timeout", _positive_duration),
+        "read_timeout": section.get("read_timeout", _positive_duration),
+        "down_for": section.get("down_for", _positive_duration),
+        "resolve_interval": section.get("resolve_interval", _positive_duration),
+        "keep_copy": section.get("keep_copy", _boolean),
+        "max_skew": section.get("max_skew", _positive_duration),
     }
     return ZoneSettings(self_url=normalized(self_url), peers=tuple(normalized(p) for p in peers),
                         secret=secret.strip(),
